@@ -1,0 +1,449 @@
+"""`Buffer`: DeepEP v1's communication buffer API, so `import hybrid_ep as deep_ep` replaces `deep_ep.Buffer`.
+
+Backends: with CUDA tensors and an NCCL group, calls run on the Buffer's communication stream with DeepEP's event
+semantics (`previous_event`, `async_finish`, `allocate_on_comm_stream`); `get_dispatch_layout` runs the compiled
+layout kernel, dispatch and combine run the reference (`hybrid_ep.reference`) until the NVLink kernels land. With
+CPU tensors and a gloo group everything runs the reference, synchronously.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _ext, checks, reference
+from .config import Config, recommended_config
+from .event import EventHandle, EventOverlap
+
+_NOT_YET = "is not implemented yet in hybrid_ep"
+
+
+def _not_implemented(feature: str, area: str) -> NotImplementedError:
+    return NotImplementedError(f"{feature} {_NOT_YET}; it arrives with the {area} work (see docs/compat.md)")
+
+
+class Buffer:
+    """The communication buffer of one process group, with DeepEP v1's constructor and methods.
+
+    Arguments:
+        group: the `torch.distributed.ProcessGroup` of the expert-parallel ranks (NCCL for GPUs, gloo for CPUs).
+        num_nvl_bytes: bytes of NVLink buffer (a multiple of 128); see `Config.get_nvl_buffer_size_hint`.
+        num_rdma_bytes: bytes of network buffer (a multiple of 128), for internode and low-latency modes.
+        low_latency_mode: enable the low-latency kernels.
+        num_qps_per_rank: queue pairs per peer for the network kernels.
+        allow_nvlink_for_low_latency_mode: let low-latency kernels use NVLink between ranks of one host.
+        allow_mnnvl: allow multi-node NVLink.
+        use_fabric: allocate the NVLink buffer as fabric memory instead of CUDA IPC memory.
+        explicitly_destroy: resources are freed only by `destroy()`, which must then be called.
+        enable_shrink: allocate the rank mask used by the low-latency mask APIs.
+        comm: an mpi4py communicator instead of `group` (not supported: pass a process group).
+        allow_nvlink_for_normal_mode: keyword-only; False asks for the network-only normal mode.
+    """
+
+    #: SMs the recommended configs use; set with `Buffer.set_num_sms`.
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup] = None,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm: Any = None,
+        *,
+        allow_nvlink_for_normal_mode: bool = True,
+    ) -> None:
+        if group is None and comm is None:
+            raise ValueError("Buffer needs a process group (group=...); neither group nor comm was given")
+        if group is None:
+            raise _not_implemented("Buffer(comm=<mpi4py communicator>)", "runtime (pass a torch.distributed group)")
+        checks.check_int("num_nvl_bytes", num_nvl_bytes, 0)
+        checks.check_int("num_rdma_bytes", num_rdma_bytes, 0)
+        checks.check_int("num_qps_per_rank", num_qps_per_rank, 1)
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if value % 128 != 0:
+                raise ValueError(f"{name}={value} must be a multiple of 128")
+        if not allow_nvlink_for_normal_mode:
+            raise _not_implemented("allow_nvlink_for_normal_mode=False (network-only normal mode)", "internode")
+
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
+        self.allow_mnnvl = allow_mnnvl
+        self.use_fabric = use_fabric
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+        self.backend_name = str(dist.get_backend(group)).lower()
+        self._destroyed = False
+        if "nccl" in self.backend_name:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self._comm_stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device=self.device, priority=-1)
+        else:
+            self.device = torch.device("cpu")
+            self._comm_stream = None
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Static and simple methods
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Sets the SMs that `get_dispatch_config` / `get_combine_config` use (for all Buffers). Must be even."""
+        checks.check_int("new_num_sms", new_num_sms, 2)
+        if new_num_sms % 2 != 0:
+            raise ValueError(f"new_num_sms={new_num_sms} must be even (blocks work in sender/receiver pairs)")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """Returns: whether the extension was compiled for Hopper (sm_90/sm_90a)."""
+        if not _ext.has_extension():
+            return False
+        return "9.0" in str(_ext.build_info().get("arch_list", ""))
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """Returns: an `EventOverlap` with an event recorded on the current stream (for `previous_event`)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Bytes of network buffer low-latency mode needs (double-buffered send, receive and signal areas).
+
+        Arguments:
+            num_max_dispatch_tokens_per_rank: most tokens one rank dispatches in one call.
+            hidden: hidden size.
+            num_ranks: ranks of the group.
+            num_experts: global number of experts.
+        Returns:
+            int, a multiple of 128.
+        """
+        for name, value in (
+            ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+            ("hidden", hidden),
+            ("num_ranks", num_ranks),
+            ("num_experts", num_experts),
+        ):
+            checks.check_int(name, value, 1)
+        num_scales = hidden // 128
+        dispatch_msg_bytes = 16 + max(hidden * 2, hidden + num_scales * 4)
+        combine_msg_bytes = num_scales * 4 + hidden * 2
+        tokens = num_max_dispatch_tokens_per_rank
+        send_bytes = max(tokens * dispatch_msg_bytes, num_experts * tokens * combine_msg_bytes)
+        recv_bytes = num_experts * tokens * max(dispatch_msg_bytes, combine_msg_bytes)
+        signal_bytes = (num_experts * 4 + 127) // 128 * 128
+        return (2 * (send_bytes + recv_bytes + signal_bytes) + 127) // 128 * 128
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """Returns: the recommended dispatch `Config` for `num_ranks` ranks, with `Buffer.num_sms` SMs."""
+        return recommended_config("dispatch", num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """Returns: the recommended combine `Config` for `num_ranks` ranks, with `Buffer.num_sms` SMs."""
+        return recommended_config("combine", num_ranks, Buffer.num_sms)
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        """Returns: the Buffer's communication stream (a high-priority CUDA stream)."""
+        self._check_alive()
+        if self._comm_stream is None:
+            raise RuntimeError("get_comm_stream(): this Buffer runs on the CPU (gloo group) and has no CUDA stream")
+        return self._comm_stream
+
+    def get_local_buffer_tensor(
+        self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0, use_rdma_buffer: bool = False
+    ) -> torch.Tensor:
+        """A tensor view of the raw NVLink (or network) buffer."""
+        raise _not_implemented("get_local_buffer_tensor (raw NVLink/network buffer access)", "intranode runtime")
+
+    def destroy(self) -> None:
+        """Frees the Buffer's resources; needs `explicitly_destroy=True`. The Buffer is unusable afterwards."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy() needs a Buffer built with explicitly_destroy=True")
+        if self._destroyed:
+            return
+        if self._comm_stream is not None:
+            self._comm_stream.synchronize()
+        self._comm_stream = None
+        self._destroyed = True
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Normal mode
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """Counts where tokens go, from the routing. Local: no communication.
+
+        Arguments:
+            topk_idx: `[num_tokens, num_topk]` torch.int64, expert indices in [0, num_experts), -1 for none.
+            num_experts: global number of experts, divisible by the number of ranks.
+            previous_event, async_finish, allocate_on_comm_stream: as for `dispatch`.
+        Returns:
+            num_tokens_per_rank: `[num_ranks]` torch.int32.
+            num_tokens_per_rdma_rank: None (all ranks share one NVLink domain).
+            num_tokens_per_expert: `[num_experts]` torch.int32.
+            is_token_in_rank: `[num_tokens, num_ranks]` torch.bool.
+            event: an `EventOverlap`.
+        """
+        self._check_alive()
+        checks.check_num_experts(num_experts, self.group_size)
+        checks.check_topk_idx(topk_idx, num_experts=num_experts, device=self.device)
+
+        def run() -> tuple:
+            if topk_idx.is_cuda:
+                ext = _ext.require_extension("get_dispatch_layout on CUDA tensors")
+                per_rank, _, per_expert, in_rank = ext.get_dispatch_layout(
+                    topk_idx, num_experts, self.group_size, self.group_size
+                )
+            else:
+                per_rank, _, per_expert, in_rank = reference.get_dispatch_layout(topk_idx, num_experts, self.group_size)
+            return per_rank, None, per_expert, in_rank
+
+        outputs, event = self._on_comm_stream(run, (topk_idx,), previous_event, async_finish, allocate_on_comm_stream)
+        return (*outputs, event)
+
+    def dispatch(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        handle: Optional[tuple] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[Any, Optional[torch.Tensor], Optional[torch.Tensor], Optional[list[int]], Optional[tuple], EventOverlap]:
+        """Sends each token to the ranks that hold its experts. Collective over the group.
+
+        Arguments:
+            x: `[num_tokens, hidden]` torch.bfloat16, or `(x [num_tokens, hidden] torch.float8_e4m3fn,
+                scales [num_tokens, hidden / 128] torch.float32)`, scales with any strides.
+            handle: a handle from an earlier dispatch with the same routing (cached mode: no layout, no top-k).
+            num_tokens_per_rank: `[num_ranks]` torch.int32, from `get_dispatch_layout`.
+            num_tokens_per_rdma_rank: `[num_nodes]` torch.int32 or None; unused within one NVLink domain.
+            is_token_in_rank: `[num_tokens, num_ranks]` torch.bool, from `get_dispatch_layout`.
+            num_tokens_per_expert: `[num_experts]` torch.int32, from `get_dispatch_layout`.
+            topk_idx: `[num_tokens, num_topk]` torch.int64 or None.
+            topk_weights: `[num_tokens, num_topk]` torch.float32 or None (given with topk_idx).
+            expert_alignment: round each per-expert receive count up to a multiple of this.
+            num_worst_tokens: if > 0, outputs have exactly this many rows and no host synchronisation is needed to
+                size them (the per-expert list is then empty).
+            config: a `Config`; default `get_dispatch_config(num_ranks)`.
+            previous_event: an `EventOverlap` the call waits for instead of the current stream.
+            async_finish: return an event instead of making the current stream wait for the call.
+            allocate_on_comm_stream: allocate outputs on the communication stream (needs previous_event and
+                async_finish).
+        Returns:
+            recv_x: like x, `[num_recv_tokens, hidden]` (and `[num_recv_tokens, hidden / 128]` scales), rows ordered
+                by source rank, then source token index.
+            recv_topk_idx: `[num_recv_tokens, num_topk]` torch.int64, local expert indices, -1 elsewhere; or None.
+            recv_topk_weights: `[num_recv_tokens, num_topk]` torch.float32, 0 where recv_topk_idx is -1; or None.
+            num_recv_tokens_per_expert_list: list of ints, one per local expert, aligned; None in cached mode.
+            handle: for combine and cached dispatch; None in cached mode.
+            event: an `EventOverlap`.
+        """
+        self._check_alive()
+        config = self._check_config(config, "dispatch")
+        data, _ = checks.split_dispatch_x(x)
+        self._check_device("x", data)
+
+        def run() -> tuple:
+            return reference.dispatch(
+                x,
+                group=self.group,
+                handle=handle,
+                num_tokens_per_rank=num_tokens_per_rank,
+                is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=num_tokens_per_expert,
+                topk_idx=topk_idx,
+                topk_weights=topk_weights,
+                expert_alignment=expert_alignment,
+                num_worst_tokens=num_worst_tokens,
+                num_channels=config.num_channels,
+            )
+
+        inputs = (x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
+        outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
+        return (*outputs, event)
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: tuple,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | tuple[Optional[torch.Tensor], Optional[torch.Tensor]] | None = None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """Brings rows back to the ranks they came from and sums the copies of each token. Collective.
+
+        Arguments:
+            x: `[num_recv_tokens, hidden]` torch.bfloat16, rows in dispatch's output order.
+            handle: the handle dispatch returned.
+            topk_weights: `[num_recv_tokens, num_topk]` torch.float32 or None; summed like x.
+            bias: None, a tensor or a pair of tensors, each `[num_tokens, hidden]` torch.bfloat16, added once.
+            config, previous_event, async_finish, allocate_on_comm_stream: as for `dispatch`.
+        Returns:
+            combined_x: `[num_tokens, hidden]` torch.bfloat16: bias + sum over ranks in ascending rank order, in fp32.
+            combined_topk_weights: `[num_tokens, num_topk]` torch.float32, or None.
+            event: an `EventOverlap`.
+        """
+        self._check_alive()
+        self._check_config(config, "combine")
+        checks.check_tensor("x", x, dtype=torch.bfloat16, dim=2, contiguous=True)
+        self._check_device("x", x)
+
+        def run() -> tuple:
+            return reference.combine(x, handle, group=self.group, topk_weights=topk_weights, bias=bias)
+
+        inputs = (x, topk_weights, *(bias if isinstance(bias, (tuple, list)) else (bias,)))
+        outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
+        return (*outputs, event)
+
+    def internode_dispatch(self, x: Any, handle: Any = None, num_tokens_per_rank: Any = None,
+                           num_tokens_per_rdma_rank: Any = None, is_token_in_rank: Any = None,
+                           num_tokens_per_expert: Any = None, topk_idx: Any = None, topk_weights: Any = None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0, config: Any = None,
+                           previous_event: Any = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False) -> Any:
+        """Direct call of the internode kernels; `dispatch` already serves groups of any size."""
+        raise _not_implemented("internode_dispatch (direct call of the internode kernels)", "internode")
+
+    def internode_combine(self, x: Any, handle: Any, topk_weights: Any = None, bias: Any = None, config: Any = None,
+                          previous_event: Any = None, async_finish: bool = False,
+                          allocate_on_comm_stream: bool = False) -> Any:
+        """Direct call of the internode kernels; `combine` already serves groups of any size."""
+        raise _not_implemented("internode_combine (direct call of the internode kernels)", "internode")
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Low-latency mode
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        raise _not_implemented("clean_low_latency_buffer (low-latency mode)", "low-latency")
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False) -> Any:
+        raise _not_implemented("low_latency_dispatch (low-latency mode)", "low-latency")
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> Any:
+        raise _not_implemented("low_latency_combine (low-latency mode)", "low-latency")
+
+    def get_next_low_latency_combine_buffer(self, handle: object) -> Any:
+        raise _not_implemented("get_next_low_latency_combine_buffer (low-latency mode)", "low-latency")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        raise _not_implemented("low_latency_update_mask_buffer (low-latency rank masking)", "low-latency")
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        raise _not_implemented("low_latency_query_mask_buffer (low-latency rank masking)", "low-latency")
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        raise _not_implemented("low_latency_clean_mask_buffer (low-latency rank masking)", "low-latency")
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Internals
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this Buffer was destroyed; create a new one")
+
+    def _check_device(self, name: str, t: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            if not t.is_cuda:
+                raise ValueError(f"{name} must be a CUDA tensor for a Buffer over an NCCL group, got {t.device}")
+        elif t.device.type != "cpu":
+            raise ValueError(
+                f"{name} must be a CPU tensor for a Buffer over a {self.backend_name} group, got {t.device} "
+                "(use an NCCL group for CUDA tensors)"
+            )
+
+    def _check_config(self, config: Optional[Config], op: str) -> Config:
+        if config is None:
+            return recommended_config(op, self.group_size, Buffer.num_sms)
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a hybrid_ep.Config, got {checks.describe(config)}")
+        return config.validate()
+
+    def _on_comm_stream(
+        self,
+        fn: Callable[[], tuple],
+        inputs: tuple,
+        previous_event: Optional[EventOverlap],
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+    ) -> tuple[tuple, EventOverlap]:
+        """Runs `fn` with DeepEP's stream semantics. Returns: (fn's outputs, EventOverlap)."""
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True")
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap, got {checks.describe(previous_event)}")
+        comm_stream = self._comm_stream
+        if comm_stream is None:
+            outputs = fn()
+            return outputs, EventOverlap(EventHandle.completed() if async_finish else None)
+
+        compute_stream = torch.cuda.current_stream()
+        if previous_event is not None and previous_event.event is not None:
+            previous_event.event.stream_wait(comm_stream)
+        else:
+            comm_stream.wait_stream(compute_stream)
+        with torch.cuda.stream(comm_stream):
+            outputs = fn()
+        # Outputs were allocated on the comm stream; unless asked to keep them there, hand them to the compute
+        # stream's use so the caching allocator does not recycle them under it.
+        tensors = list(_tensors(outputs))
+        if not allocate_on_comm_stream:
+            for t in tensors:
+                t.record_stream(compute_stream)
+        if async_finish:
+            for t in _tensors(inputs):
+                t.record_stream(comm_stream)
+            return outputs, EventOverlap(EventHandle(comm_stream), extra_tensors=tuple(tensors))
+        compute_stream.wait_stream(comm_stream)
+        return outputs, EventOverlap(None)
+
+
+def _tensors(obj: Any):
+    """Yields the CUDA tensors inside nested tuples/lists."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+

@@ -1,0 +1,161 @@
+"""`Config`: the tunables of the normal-mode kernels, with DeepEP v1's constructor and size hints.
+
+A Config is plain data. `validate()` names every bad value at once. The recommended configs per rank count are
+data too (`RECOMMENDED_CONFIGS`), read by `Buffer.get_dispatch_config` / `Buffer.get_combine_config`.
+"""
+
+from __future__ import annotations
+
+# Ranks that share one NVLink domain in the DeepEP v1 sizing rules (one HGX board).
+NUM_MAX_NVL_PEERS = 8
+# Widest top-k the normal-mode kernels accept.
+NUM_MAX_TOPK = 32
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+class Config:
+    """Tunables of one normal-mode dispatch or combine call.
+
+    Arguments:
+        num_sms: SMs (thread blocks) the kernel may use; even, since blocks work in sender/receiver pairs.
+        num_max_nvl_chunked_send_tokens: tokens a sender moves per step into a peer's NVLink ring.
+        num_max_nvl_chunked_recv_tokens: capacity in tokens of one NVLink ring (per channel and peer).
+        num_max_rdma_chunked_send_tokens: the same for the network rings (internode).
+        num_max_rdma_chunked_recv_tokens: the same for the network rings; rounded up to a multiple of the send
+            chunk, as DeepEP does.
+    """
+
+    def __init__(
+        self,
+        num_sms: int = 20,
+        num_max_nvl_chunked_send_tokens: int = 6,
+        num_max_nvl_chunked_recv_tokens: int = 256,
+        num_max_rdma_chunked_send_tokens: int = 6,
+        num_max_rdma_chunked_recv_tokens: int = 256,
+    ) -> None:
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+        if _is_int(num_max_rdma_chunked_send_tokens) and num_max_rdma_chunked_send_tokens > 0:
+            if _is_int(num_max_rdma_chunked_recv_tokens):
+                self.num_max_rdma_chunked_recv_tokens = _align(
+                    num_max_rdma_chunked_recv_tokens, num_max_rdma_chunked_send_tokens
+                )
+        self.validate()
+
+    def validate(self) -> "Config":
+        """Raises ValueError naming every field that is out of range; returns self otherwise."""
+        errors = []
+        fields = (
+            "num_sms",
+            "num_max_nvl_chunked_send_tokens",
+            "num_max_nvl_chunked_recv_tokens",
+            "num_max_rdma_chunked_send_tokens",
+            "num_max_rdma_chunked_recv_tokens",
+        )
+        for name in fields:
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                errors.append(f"{name}={value!r} must be a positive int")
+        if not errors:
+            if self.num_sms % 2 != 0:
+                errors.append(f"num_sms={self.num_sms} must be even (blocks work in sender/receiver pairs)")
+            if self.num_max_nvl_chunked_send_tokens >= self.num_max_nvl_chunked_recv_tokens:
+                errors.append(
+                    f"num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens} must be smaller than "
+                    f"num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}"
+                )
+            if self.num_max_rdma_chunked_send_tokens * 2 > self.num_max_rdma_chunked_recv_tokens:
+                errors.append(
+                    f"num_max_rdma_chunked_send_tokens={self.num_max_rdma_chunked_send_tokens} must be at most half "
+                    f"of num_max_rdma_chunked_recv_tokens={self.num_max_rdma_chunked_recv_tokens}"
+                )
+        if errors:
+            raise ValueError("invalid Config: " + "; ".join(errors))
+        return self
+
+    @property
+    def num_channels(self) -> int:
+        """Returns: channels (sender/receiver block pairs), `num_sms // 2`."""
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer that normal-mode calls with this config need.
+
+        Arguments:
+            hidden_bytes: bytes of one token row at BF16 width (`hidden * max(element_size, 2)`, as in DeepEP).
+            num_ranks: ranks of the group.
+        Returns:
+            int, a multiple of 128.
+        """
+        _check_positive_int("hidden_bytes", hidden_bytes)
+        _check_positive_int("num_ranks", num_ranks)
+        num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
+        num_rdma_ranks = max(num_ranks // NUM_MAX_NVL_PEERS, 1)
+        num_rings = self.num_channels * num_nvl_ranks
+        # One ring slot: the row, one fp32 scale per 128 BF16 channels, top-k indices and weights, source index.
+        slot_bytes = _align(hidden_bytes + hidden_bytes // 64 + NUM_MAX_TOPK * (8 + 4) + 4, 16)
+        counter_bytes = num_rings * (2 * num_rdma_ranks + 3) * 4 + num_ranks * num_ranks * 4
+        return _align(counter_bytes + num_rings * self.num_max_nvl_chunked_recv_tokens * slot_bytes, 128)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of network (NVSHMEM) buffer that normal-mode calls need: 0 within one NVLink domain.
+
+        Arguments:
+            hidden_bytes: as for `get_nvl_buffer_size_hint`.
+            num_ranks: ranks of the group.
+        Returns:
+            int, a multiple of 128.
+        """
+        _check_positive_int("hidden_bytes", hidden_bytes)
+        _check_positive_int("num_ranks", num_ranks)
+        if num_ranks <= NUM_MAX_NVL_PEERS:
+            return 0
+        num_rdma_ranks = num_ranks // NUM_MAX_NVL_PEERS
+        num_rings = self.num_channels * num_rdma_ranks
+        slot_bytes = _align(hidden_bytes + hidden_bytes // 64 + NUM_MAX_TOPK * (8 + 4) + 4 + 64, 16)
+        # Send and receive rings, plus head/tail counters.
+        return _align(2 * num_rings * (self.num_max_rdma_chunked_recv_tokens * slot_bytes + 16), 128)
+
+    def __repr__(self) -> str:
+        return (
+            f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}, "
+            f"num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}, "
+            f"num_max_rdma_chunked_send_tokens={self.num_max_rdma_chunked_send_tokens}, "
+            f"num_max_rdma_chunked_recv_tokens={self.num_max_rdma_chunked_recv_tokens})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and repr(self) == repr(other)
+
+
+# Recommended (nvl_send, nvl_recv, rdma_send, rdma_recv) per op and rank count; num_sms comes from Buffer.num_sms.
+# Rank counts not listed fall back to DEFAULT_CHUNKS. Tuned tables replace these once the kernels are tuned.
+DEFAULT_CHUNKS = (6, 256, 6, 128)
+RECOMMENDED_CONFIGS = {
+    "dispatch": {2: (8, 256, 6, 128), 4: (8, 256, 6, 128), 8: (8, 256, 6, 128)},
+    "combine": {2: (8, 256, 6, 128), 4: (8, 256, 6, 128), 8: (8, 256, 6, 128)},
+}
+
+
+def recommended_config(op: str, num_ranks: int, num_sms: int) -> Config:
+    """Returns: the recommended Config of `op` ("dispatch" or "combine") for `num_ranks` ranks and `num_sms` SMs."""
+    if op not in RECOMMENDED_CONFIGS:
+        raise ValueError(f"op={op!r}: expected 'dispatch' or 'combine'")
+    _check_positive_int("num_ranks", num_ranks)
+    chunks = RECOMMENDED_CONFIGS[op].get(num_ranks, DEFAULT_CHUNKS)
+    return Config(num_sms, *chunks)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not _is_int(value) or value <= 0:  # type: ignore[operator]
+        raise ValueError(f"{name}={value!r} must be a positive int")

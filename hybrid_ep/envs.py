@@ -1,0 +1,42 @@
+"""The one place where hybrid_ep reads environment variables (docs/env.md lists them all)."""
+
+from __future__ import annotations
+
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """Reads a boolean variable; raises ValueError naming the variable for anything but 1/0/true/false/yes/no/on/off."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r}: expected one of 1/0/true/false/yes/no/on/off")
+
+
+def env_int(name: str, default: int, minimum: int | None = None) -> int:
+    """Reads an integer variable; raises ValueError naming the variable when it is not an integer or too small."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"environment variable {name}={value}: must be >= {minimum}")
+    return value
+
+
+def check_inputs() -> bool:
+    """HYBRID_EP_CHECK_INPUTS (default on): value checks that need a device-to-host read (expert index range,
+    layout consistency). Shape, dtype and device checks always run; value checks are skipped during CUDA graph
+    capture whatever this says."""
+    return env_flag("HYBRID_EP_CHECK_INPUTS", True)

@@ -1,0 +1,161 @@
+"""Dispatch, combine and layout through `hybrid_ep.Buffer` on 1-4 gloo ranks, against results computed from the
+seeded global routing (tests/cases.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybrid_ep
+from cases import Scenario, align, expected_combine, expected_for_rank, make_inputs
+from distributed import ProcessGroupInfo, parallel_launch
+
+
+def scenarios(num_ranks: int) -> list[Scenario]:
+    R = num_ranks
+    many = [13 + 5 * r for r in range(R)]
+    out = [
+        Scenario("uniform", many, hidden=256, num_experts=8 * R, num_topk=4, seed=1),
+        Scenario("holes", many, hidden=128, num_experts=4 * R, num_topk=3, seed=2, routing="holes"),
+        Scenario("nowhere", many, hidden=64, num_experts=2 * R, num_topk=2, seed=3, routing="nowhere"),
+        Scenario("one_expert_per_rank", many, hidden=32, num_experts=R, num_topk=1, seed=4),
+        Scenario("zero_tokens", [0] * R, hidden=64, num_experts=4 * R, num_topk=2, seed=5),
+        Scenario("fp8", many, hidden=256, num_experts=4 * R, num_topk=2, seed=6, fp8=True),
+        Scenario("fp8_holes", many, hidden=384, num_experts=2 * R, num_topk=2, seed=7, routing="holes", fp8=True),
+    ]
+    for k in range(1, 9):
+        out.append(Scenario(f"top{k}", many, hidden=16 * k, num_experts=8 * R, num_topk=k, seed=10 + k))
+    if R > 1:
+        senders = [0] + many[1:]
+        out += [
+            Scenario("rank0_sends_nothing", senders, hidden=64, num_experts=4 * R, num_topk=2, seed=20),
+            Scenario("last_rank_receives_nothing", many, hidden=64, num_experts=4 * R, num_topk=2, seed=21,
+                     routing="avoid_last_rank"),
+            Scenario("all_to_rank0", many, hidden=64, num_experts=4 * R, num_topk=3, seed=22, routing="one_rank"),
+        ]
+    return out
+
+
+def _check_layout(buffer, pg, s, inp, exp) -> None:
+    per_rank, per_rdma, per_expert, in_rank, event = buffer.get_dispatch_layout(inp.topk_idx[pg.rank], s.num_experts)
+    assert per_rdma is None and event.event is None
+    assert torch.equal(per_rank, exp.num_tokens_per_rank), (s.name, per_rank, exp.num_tokens_per_rank)
+    assert torch.equal(per_expert, exp.num_tokens_per_expert), s.name
+    assert torch.equal(in_rank, exp.is_token_in_rank), s.name
+
+
+def run_scenarios(pg: ProcessGroupInfo) -> None:
+    R, me = pg.world_size, pg.rank
+    buffer = hybrid_ep.Buffer(pg.group)
+    for s in scenarios(R):
+        inp = make_inputs(s, R)
+        exp = expected_for_rank(s, inp, me, R)
+        _check_layout(buffer, pg, s, inp, exp)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
+        x = (inp.x_fp8[me], inp.scales[me]) if s.fp8 else inp.x[me]
+        alignment = 4 if s.name == "uniform" else 1
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], expert_alignment=alignment,
+        )
+        if s.fp8:
+            assert isinstance(recv_x, tuple) and recv_x[0].dtype == torch.float8_e4m3fn
+            assert torch.equal(recv_x[0].view(torch.uint8), exp.recv_x_fp8.view(torch.uint8)), s.name
+            assert torch.equal(recv_x[1], exp.recv_scales), s.name
+        else:
+            assert recv_x.dtype == torch.bfloat16 and torch.equal(recv_x, exp.recv_x), s.name
+        assert torch.equal(recv_idx, exp.recv_topk_idx), s.name
+        assert torch.equal(recv_w, exp.recv_topk_weights), s.name
+        assert counts == [align(c, alignment) for c in exp.num_recv_tokens_per_expert], (s.name, counts)
+        rank_prefix_matrix, _, _, recv_src_idx, _, _ = handle
+        assert recv_src_idx.tolist() == [t for _, t in exp.rows], s.name
+        assert rank_prefix_matrix[:, me].tolist() == [
+            sum(1 for src, _ in exp.rows if src <= i) for i in range(R)
+        ], s.name
+
+        # Cached dispatch with the handle moves the same rows.
+        cached = buffer.dispatch(x, handle=handle)
+        assert cached[1:5] == (None, None, None, None)
+        cached_x = cached[0][0] if s.fp8 else cached[0]
+        first_x = recv_x[0] if s.fp8 else recv_x
+        assert torch.equal(cached_x.view(torch.uint8), first_x.view(torch.uint8)), s.name
+
+        # Each rank scales its rows by (rank + 1); combine sums them back, exactly (small integers).
+        if not s.fp8:
+            bias = None
+            if s.name == "holes":
+                g = torch.Generator().manual_seed(99 + me)
+                bias = [torch.randint(-3, 4, (s.num_tokens[me], s.hidden), generator=g).to(torch.bfloat16)
+                        for _ in range(2)]
+            combined, combined_w, _ = buffer.combine(
+                (recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w,
+                bias=tuple(bias) if bias else None,
+            )
+            want_x, want_w = expected_combine(s, inp, me, R, bias)
+            assert torch.equal(combined, want_x), s.name
+            assert torch.equal(combined_w, want_w), s.name
+            combined_none_w = buffer.combine(recv_x, handle)[1]
+            assert combined_none_w is None
+
+
+def run_worst_tokens(pg: ProcessGroupInfo) -> None:
+    R, me = pg.world_size, pg.rank
+    buffer = hybrid_ep.Buffer(pg.group)
+    s = Scenario("worst", [9 + r for r in range(R)], hidden=64, num_experts=4 * R, num_topk=3, seed=31, routing="holes")
+    inp = make_inputs(s, R)
+    exp = expected_for_rank(s, inp, me, R)
+    worst = sum(s.num_tokens)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+        inp.x[me], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], num_worst_tokens=worst,
+    )
+    m = len(exp.rows)
+    assert recv_x.shape == (worst, s.hidden) and recv_idx.shape == (worst, s.num_topk) and counts == []
+    assert torch.equal(recv_x[:m], exp.recv_x) and torch.equal(recv_idx[:m], exp.recv_topk_idx)
+    assert torch.equal(recv_w[:m], exp.recv_topk_weights)
+    assert bool((recv_idx[m:] == -1).all()) and bool((recv_x[m:] == 0).all())
+    assert int(handle[0][R - 1, me]) == m
+    cached_x = buffer.dispatch(inp.x[me], handle=handle)[0]
+    assert cached_x.shape == (worst, s.hidden) and torch.equal(cached_x[:m], exp.recv_x)
+    combined, combined_w, _ = buffer.combine((recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w)
+    want_x, want_w = expected_combine(s, inp, me, R)
+    assert torch.equal(combined, want_x) and torch.equal(combined_w, want_w)
+
+
+def run_events(pg: ProcessGroupInfo) -> None:
+    """previous_event / async_finish / allocate_on_comm_stream are accepted on the CPU backend as in DeepEP."""
+    R, me = pg.world_size, pg.rank
+    buffer = hybrid_ep.Buffer(pg.group)
+    s = Scenario("events", [7] * R, hidden=32, num_experts=2 * R, num_topk=2, seed=41)
+    inp = make_inputs(s, R)
+    exp = expected_for_rank(s, inp, me, R)
+    prev = hybrid_ep.Buffer.capture()
+    per_rank, _, per_expert, in_rank, event = buffer.get_dispatch_layout(
+        inp.topk_idx[me], s.num_experts, previous_event=prev, async_finish=True, allocate_on_comm_stream=True
+    )
+    event.current_stream_wait()
+    recv_x, _, _, _, handle, event = buffer.dispatch(
+        inp.x[me], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], previous_event=prev, async_finish=True,
+    )
+    with event:
+        pass
+    assert torch.equal(recv_x, exp.recv_x)
+    combined, _, event = buffer.combine((recv_x.float() * (me + 1)).to(torch.bfloat16), handle, async_finish=True)
+    event.current_stream_wait()
+    assert torch.equal(combined, expected_combine(s, inp, me, R)[0])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_scenarios(world_size: int) -> None:
+    parallel_launch(world_size, run_scenarios)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_worst_tokens(world_size: int) -> None:
+    parallel_launch(world_size, run_worst_tokens)
+
+
+def test_events_cpu() -> None:
+    parallel_launch(2, run_events)

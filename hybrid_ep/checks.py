@@ -59,7 +59,7 @@ def check_tensor(
     if shape is not None:
         for axis, (want, got) in enumerate(zip(shape, t.shape)):
             if want is not None and want != got:
-                expected = [("*" if s is None else s) for s in shape]
+                expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
                 raise ValueError(f"{name} must have shape {expected}, got {list(t.shape)} (dimension {axis} differs)")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device}, got {t.device}")

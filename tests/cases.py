@@ -139,3 +139,17 @@ def expected_combine(
 
 def align(count: int, alignment: int) -> int:
     return (count + alignment - 1) // alignment * alignment
+
+
+def to_device(inp: Inputs, device: torch.device) -> Inputs:
+    """Returns: the same inputs on `device`."""
+    return Inputs(*[[t.to(device) for t in getattr(inp, f.name)] for f in dataclasses.fields(Inputs)])
+
+
+def cpu(obj):
+    """Returns: `obj` with every tensor (inside tuples/lists too) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cpu(o) for o in obj)
+    return obj

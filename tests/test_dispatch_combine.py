@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hybrid_ep
-from cases import Scenario, align, expected_combine, expected_for_rank, make_inputs
-from distributed import ProcessGroupInfo, parallel_launch
+from cases import Scenario, align, cpu, expected_combine, expected_for_rank, make_inputs, to_device
+from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
 
 
 def scenarios(num_ranks: int) -> list[Scenario]:
@@ -39,6 +39,8 @@ def scenarios(num_ranks: int) -> list[Scenario]:
 def _check_layout(buffer, pg, s, inp, exp) -> None:
     per_rank, per_rdma, per_expert, in_rank, event = buffer.get_dispatch_layout(inp.topk_idx[pg.rank], s.num_experts)
     assert per_rdma is None and event.event is None
+    assert in_rank.device == pg.device
+    per_rank, per_expert, in_rank = cpu((per_rank, per_expert, in_rank))
     assert torch.equal(per_rank, exp.num_tokens_per_rank), (s.name, per_rank, exp.num_tokens_per_rank)
     assert torch.equal(per_expert, exp.num_tokens_per_expert), s.name
     assert torch.equal(in_rank, exp.is_token_in_rank), s.name
@@ -48,8 +50,9 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
     R, me = pg.world_size, pg.rank
     buffer = hybrid_ep.Buffer(pg.group)
     for s in scenarios(R):
-        inp = make_inputs(s, R)
-        exp = expected_for_rank(s, inp, me, R)
+        host_inp = make_inputs(s, R)
+        exp = expected_for_rank(s, host_inp, me, R)
+        inp = to_device(host_inp, pg.device)
         _check_layout(buffer, pg, s, inp, exp)
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
         x = (inp.x_fp8[me], inp.scales[me]) if s.fp8 else inp.x[me]
@@ -58,6 +61,8 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
             x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
             topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], expert_alignment=alignment,
         )
+        assert recv_idx.device == pg.device
+        recv_x, recv_idx, recv_w, handle = cpu((recv_x, recv_idx, recv_w, handle))
         if s.fp8:
             assert isinstance(recv_x, tuple) and recv_x[0].dtype == torch.float8_e4m3fn
             assert torch.equal(recv_x[0].view(torch.uint8), exp.recv_x_fp8.view(torch.uint8)), s.name
@@ -74,7 +79,7 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
         ], s.name
 
         # Cached dispatch with the handle moves the same rows.
-        cached = buffer.dispatch(x, handle=handle)
+        cached = cpu(buffer.dispatch(x, handle=to_device_handle(handle, pg.device)))
         assert cached[1:5] == (None, None, None, None)
         cached_x = cached[0][0] if s.fp8 else cached[0]
         first_x = recv_x[0] if s.fp8 else recv_x
@@ -87,15 +92,21 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
                 g = torch.Generator().manual_seed(99 + me)
                 bias = [torch.randint(-3, 4, (s.num_tokens[me], s.hidden), generator=g).to(torch.bfloat16)
                         for _ in range(2)]
-            combined, combined_w, _ = buffer.combine(
-                (recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w,
-                bias=tuple(bias) if bias else None,
-            )
-            want_x, want_w = expected_combine(s, inp, me, R, bias)
+            dev_handle = to_device_handle(handle, pg.device)
+            combined, combined_w, _ = cpu(buffer.combine(
+                (recv_x.float() * (me + 1)).to(torch.bfloat16).to(pg.device), dev_handle,
+                topk_weights=recv_w.to(pg.device),
+                bias=tuple(b.to(pg.device) for b in bias) if bias else None,
+            ))
+            want_x, want_w = expected_combine(s, host_inp, me, R, bias)
             assert torch.equal(combined, want_x), s.name
             assert torch.equal(combined_w, want_w), s.name
-            combined_none_w = buffer.combine(recv_x, handle)[1]
+            combined_none_w = buffer.combine(recv_x.to(pg.device), dev_handle)[1]
             assert combined_none_w is None
+
+
+def to_device_handle(handle: tuple, device: torch.device) -> tuple:
+    return tuple(t.to(device) for t in handle)
 
 
 def run_worst_tokens(pg: ProcessGroupInfo) -> None:
@@ -155,6 +166,11 @@ def test_scenarios(world_size: int) -> None:
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_worst_tokens(world_size: int) -> None:
     parallel_launch(world_size, run_worst_tokens)
+
+
+@pytest.mark.parametrize("world_size", [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)])
+def test_scenarios_nccl(world_size: int) -> None:
+    parallel_launch(world_size, run_scenarios, backend="nccl")
 
 
 def test_events_cpu() -> None:

@@ -1,0 +1,234 @@
+"""Correctness, then benchmark, of layout, dispatch and combine, as users run DeepEP's tests:
+
+    python tests/test_hybrid_ep.py --num-processes 4
+
+On GPUs (NCCL, one process per GPU) it runs the standard workload of 4096 tokens per rank, hidden 7168, top-8 of
+256 experts, and times an NCCL all_to_all_single of the same rows in the same run. Without GPUs it runs small sizes
+on 4 gloo ranks. Bandwidth is counted as DeepEP counts it: bytes of all rows a rank receives (its own included)
+divided by the time of one call, as seen by rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import hybrid_ep  # noqa: E402
+from cases import Scenario, cpu, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
+from distributed import ProcessGroupInfo, parallel_launch  # noqa: E402
+
+
+def bench(fn: Callable[[], Any], device: torch.device, num_warmups: int, num_tests: int) -> tuple[float, float, float]:
+    """Times `fn` as DeepEP's test does: warm-up, one L2 flush, per-call CUDA events, first sample dropped.
+    Returns: (mean, min, max) seconds. On the CPU, wall-clock per call."""
+    for _ in range(num_warmups):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+        flush.zero_()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_tests)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_tests)]
+        for i in range(num_tests):
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)][1:]
+    else:
+        for _ in range(num_tests):
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+        times = times[1:] if len(times) > 1 else times
+    return sum(times) / len(times), min(times), max(times)
+
+
+def make_routing(args: argparse.Namespace, rank: int, device: torch.device) -> torch.Tensor:
+    """Returns: `[num_tokens, num_topk]` int64; uniform is DeepEP's `topk(|randn| + 1)`; skewed:F sends a fraction F
+    of each token's choices to the experts of rank 0 (the hot rank)."""
+    g = torch.Generator(device=device).manual_seed(1000 + rank)
+    scores = torch.randn(args.num_tokens, args.num_experts, generator=g, device=device).abs() + 1
+    if args.routing.startswith("skewed"):
+        fraction = float(args.routing.split(":")[1]) if ":" in args.routing else 0.8
+        hot = args.num_experts // args.num_processes
+        boost = torch.rand(args.num_tokens, 1, generator=g, device=device) < fraction
+        scores[:, :hot] += boost.float() * 10
+    return scores.topk(args.num_topk, dim=1).indices.to(torch.int64).contiguous()
+
+
+def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Callable[[str], None]) -> None:
+    R, me = pg.world_size, pg.rank
+    cases = [
+        Scenario("uniform", [64 + 7 * r for r in range(R)], hidden=256, num_experts=8 * R, num_topk=4, seed=1),
+        Scenario("holes+fp8", [48 + 3 * r for r in range(R)], hidden=512, num_experts=4 * R, num_topk=3, seed=2,
+                 routing="holes", fp8=True),
+        Scenario("nowhere", [33] * R, hidden=128, num_experts=2 * R, num_topk=2, seed=3, routing="nowhere"),
+    ]
+    for s in cases:
+        host = make_inputs(s, R)
+        exp = expected_for_rank(s, host, me, R)
+        inp = to_device(host, pg.device)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
+        assert torch.equal(per_rank.cpu(), exp.num_tokens_per_rank), f"{s.name}: num_tokens_per_rank"
+        assert torch.equal(per_expert.cpu(), exp.num_tokens_per_expert), f"{s.name}: num_tokens_per_expert"
+        assert torch.equal(in_rank.cpu(), exp.is_token_in_rank), f"{s.name}: is_token_in_rank"
+        x = (inp.x_fp8[me], inp.scales[me]) if s.fp8 else inp.x[me]
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me])
+        if s.fp8:
+            assert torch.equal(recv_x[0].cpu().view(torch.uint8), exp.recv_x_fp8.view(torch.uint8)), s.name
+            assert torch.equal(recv_x[1].cpu(), exp.recv_scales), s.name
+        else:
+            assert torch.equal(recv_x.cpu(), exp.recv_x), f"{s.name}: recv_x"
+            combined, combined_w, _ = buffer.combine(
+                (recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w)
+            want_x, want_w = expected_combine(s, host, me, R)
+            assert torch.equal(combined.cpu(), want_x), f"{s.name}: combined_x"
+            assert torch.equal(combined_w.cpu(), want_w), f"{s.name}: combined_topk_weights"
+        assert torch.equal(recv_idx.cpu(), exp.recv_topk_idx), f"{s.name}: recv_topk_idx"
+        assert torch.equal(recv_w.cpu(), exp.recv_topk_weights), f"{s.name}: recv_topk_weights"
+        assert counts == exp.num_recv_tokens_per_expert, f"{s.name}: num_recv_tokens_per_expert_list"
+        log(f"[correctness] {s.name}: dispatch/combine/layout as expected ({R} ranks)")
+
+
+def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
+    R, me, device = pg.world_size, pg.rank, pg.device
+    log = print if me == 0 else (lambda *_: None)
+    buffer = hybrid_ep.Buffer(pg.group, explicitly_destroy=True)
+    log(f"[setup] {R} ranks, backend {pg.backend}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"hybrid_ep {hybrid_ep.__version__}, extension: {hybrid_ep.build_info()['extension']}")
+    if not args.skip_check:
+        check_correctness(pg, buffer, log)
+
+    topk_idx = make_routing(args, me, device)
+    if device.type == "cuda" and hybrid_ep.has_extension():
+        kernel = buffer.get_dispatch_layout(topk_idx, args.num_experts)
+        ref = hybrid_ep.reference.get_dispatch_layout(topk_idx, args.num_experts, R)
+        for name, a, b in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
+                              (kernel[0], kernel[2], kernel[3]), (ref[0], ref[2], ref[3])):
+            assert torch.equal(a, b), f"layout kernel differs from the reference in {name}"
+        log("[correctness] layout kernel bitwise equal to the reference on the benchmark routing")
+    if args.skip_bench:
+        buffer.destroy()
+        return
+
+    g = torch.Generator(device=device).manual_seed(2000 + me)
+    x = torch.randn(args.num_tokens, args.hidden, generator=g, device=device).to(torch.bfloat16)
+    topk_weights = torch.rand(args.num_tokens, args.num_topk, generator=g, device=device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx, topk_weights=topk_weights)
+    num_recv = recv_x.size(0)
+    bf16_bytes = num_recv * args.hidden * 2
+    fp8_bytes = num_recv * (args.hidden + args.hidden // 128 * 4)
+    x_fp8 = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn),
+             torch.ones(args.num_tokens, args.hidden // 128, device=device))
+    timing = dict(device=device, num_warmups=args.num_warmups, num_tests=args.num_tests)
+
+    results: dict[str, Any] = {}
+
+    def report(label: str, num_bytes: int, t: tuple[float, float, float]) -> None:
+        mean = torch.tensor([t[0]], dtype=torch.float64, device=device)
+        everyone = [torch.zeros_like(mean) for _ in range(R)]
+        dist.all_gather(everyone, mean, group=pg.group)
+        results[label] = dict(gbps=num_bytes / 1e9 / t[0], time_us=t[0] * 1e6, min_us=t[1] * 1e6, max_us=t[2] * 1e6,
+                              bytes=num_bytes, rank_time_us=[float(v) * 1e6 for v in everyone])
+        log(f"[bench] {label}: {num_bytes / 1e9 / t[0]:.2f} GB/s, t: {t[0] * 1e6:.1f} us "
+            f"[min {t[1] * 1e6:.1f}, max {t[2] * 1e6:.1f}], {num_bytes / 1e6:.2f} MB received by rank 0")
+
+    t = bench(lambda: buffer.get_dispatch_layout(topk_idx, args.num_experts), **timing)
+    log(f"[bench] layout: t: {t[0] * 1e6:.1f} us")
+    results["layout"] = dict(time_us=t[0] * 1e6)
+    report("dispatch BF16 (cached handle)", bf16_bytes, bench(lambda: buffer.dispatch(x, handle=handle), **timing))
+    report("dispatch FP8 (cached handle)", fp8_bytes, bench(lambda: buffer.dispatch(x_fp8, handle=handle), **timing))
+    report("dispatch BF16 (with layout)", bf16_bytes, bench(lambda: buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx, topk_weights=topk_weights), **timing))
+    report("combine BF16", bf16_bytes, bench(lambda: buffer.combine(recv_x, handle, topk_weights=recv_w), **timing))
+
+    if device.type == "cuda":
+        # The same rows moved by NCCL alone: tokens pre-permuted by destination rank.
+        dst, tok = in_rank.t().nonzero(as_tuple=True)
+        send = x[tok].contiguous()
+        send_counts = in_rank.sum(0).tolist()
+        counts = torch.tensor(send_counts, device=device)
+        all_counts = [torch.zeros_like(counts) for _ in range(R)]
+        dist.all_gather(all_counts, counts, group=pg.group)
+        recv_counts = [int(c[me]) for c in all_counts]
+        recv = torch.empty(sum(recv_counts), args.hidden, dtype=torch.bfloat16, device=device)
+        report("NCCL all_to_all_single, same rows", bf16_bytes, bench(lambda: dist.all_to_all_single(
+            recv, send, recv_counts, send_counts, group=pg.group), **timing))
+        # DeepEP's anchor figure: every (token, expert) pair as a row.
+        pairs = x.repeat_interleave(args.num_topk, dim=0)
+        pair_out = torch.empty_like(pairs)
+        report("NCCL all_to_all_single, one row per (token, expert)", pairs.numel() * 2, bench(
+            lambda: dist.all_to_all_single(pair_out, pairs, group=pg.group), **timing))
+    if args.json and me == 0:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), num_ranks=R, backend=pg.backend, results=results), f, indent=2)
+        log(f"[bench] wrote {args.json}")
+    buffer.destroy()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-processes", type=int, default=gpus if gpus > 0 else 4,
+                        help="ranks (default: every GPU, or 4 CPU ranks without GPUs)")
+    parser.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
+                        help="auto: NCCL when there are enough GPUs, else gloo on the CPU")
+    parser.add_argument("--num-tokens", type=int, default=None, help="tokens per rank (4096 on GPUs, 128 on CPUs)")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (7168 on GPUs, 256 on CPUs)")
+    parser.add_argument("--num-topk", type=int, default=None, help="experts per token (8 on GPUs, 4 on CPUs)")
+    parser.add_argument("--num-experts", type=int, default=None, help="global experts (256 on GPUs, 8 per rank on CPUs)")
+    parser.add_argument("--routing", default="uniform", help="uniform, or skewed:F (fraction F goes to rank 0)")
+    parser.add_argument("--num-warmups", type=int, default=None)
+    parser.add_argument("--num-tests", type=int, default=None)
+    parser.add_argument("--skip-check", action="store_true", help="skip the correctness pass")
+    parser.add_argument("--skip-bench", action="store_true", help="skip the benchmark")
+    parser.add_argument("--json", default=None, help="write the figures of rank 0 to this JSON file")
+    args = parser.parse_args(argv)
+    if args.num_processes < 1:
+        parser.error(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.backend == "auto":
+        args.backend = "nccl" if 0 < args.num_processes <= gpus else "gloo"
+    if args.backend == "nccl" and args.num_processes > gpus:
+        parser.error(f"--backend nccl needs one GPU per process: {args.num_processes} processes, {gpus} GPUs")
+    on_gpu = args.backend == "nccl"
+    defaults = dict(num_tokens=4096 if on_gpu else 128, hidden=7168 if on_gpu else 256, num_topk=8 if on_gpu else 4,
+                    num_experts=256 if on_gpu else 8 * args.num_processes, num_warmups=10 if on_gpu else 2,
+                    num_tests=30 if on_gpu else 5)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.num_experts % args.num_processes != 0:
+        parser.error(f"--num-experts {args.num_experts} must be divisible by --num-processes {args.num_processes}")
+    if args.hidden % 128 != 0:
+        parser.error(f"--hidden {args.hidden} must be a multiple of 128 (the FP8 benchmark uses 128-channel scales)")
+    if not 1 <= args.num_topk <= min(32, args.num_experts):
+        parser.error(f"--num-topk {args.num_topk} must be in [1, min(32, num_experts)]")
+    if not (args.routing == "uniform" or args.routing.startswith("skewed")):
+        parser.error(f"--routing {args.routing!r}: expected uniform or skewed:F")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    parallel_launch(args.num_processes, run, args, backend=args.backend, timeout_s=1800)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,15 +3,15 @@
 `import hybrid_ep as deep_ep` gives DeepEP v1's `Buffer`, `Config` and `EventOverlap`.
 """
 
+# DeepEP exposes the dtype of top-k indices as `deep_ep.topk_idx_t`.
+import torch as _torch
+
 from . import reference
 from ._ext import build_info, has_extension
 from .buffer import Buffer
 from .config import Config
 from .event import EventHandle, EventOverlap
 from .version import __version__
-
-# DeepEP exposes the dtype of top-k indices as `deep_ep.topk_idx_t`.
-import torch as _torch
 
 topk_idx_t = _torch.int64
 

@@ -329,18 +329,37 @@ class Buffer:
         outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
         return (*outputs, event)
 
-    def internode_dispatch(self, x: Any, handle: Any = None, num_tokens_per_rank: Any = None,
-                           num_tokens_per_rdma_rank: Any = None, is_token_in_rank: Any = None,
-                           num_tokens_per_expert: Any = None, topk_idx: Any = None, topk_weights: Any = None,
-                           expert_alignment: int = 1, num_worst_tokens: int = 0, config: Any = None,
-                           previous_event: Any = None, async_finish: bool = False,
-                           allocate_on_comm_stream: bool = False) -> Any:
+    def internode_dispatch(
+        self,
+        x: Any,
+        handle: Any = None,
+        num_tokens_per_rank: Any = None,
+        num_tokens_per_rdma_rank: Any = None,
+        is_token_in_rank: Any = None,
+        num_tokens_per_expert: Any = None,
+        topk_idx: Any = None,
+        topk_weights: Any = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Any = None,
+        previous_event: Any = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> Any:
         """Direct call of the internode kernels; `dispatch` already serves groups of any size."""
         raise _not_implemented("internode_dispatch (direct call of the internode kernels)", "internode")
 
-    def internode_combine(self, x: Any, handle: Any, topk_weights: Any = None, bias: Any = None, config: Any = None,
-                          previous_event: Any = None, async_finish: bool = False,
-                          allocate_on_comm_stream: bool = False) -> Any:
+    def internode_combine(
+        self,
+        x: Any,
+        handle: Any,
+        topk_weights: Any = None,
+        bias: Any = None,
+        config: Any = None,
+        previous_event: Any = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> Any:
         """Direct call of the internode kernels; `combine` already serves groups of any size."""
         raise _not_implemented("internode_combine (direct call of the internode kernels)", "internode")
 
@@ -350,17 +369,35 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         raise _not_implemented("clean_low_latency_buffer (low-latency mode)", "low-latency")
 
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
-                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False) -> Any:
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> Any:
         raise _not_implemented("low_latency_dispatch (low-latency mode)", "low-latency")
 
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
-                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
-                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
-                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> Any:
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    ) -> Any:
         raise _not_implemented("low_latency_combine (low-latency mode)", "low-latency")
 
     def get_next_low_latency_combine_buffer(self, handle: object) -> Any:
@@ -446,4 +483,3 @@ def _tensors(obj: Any):
     elif isinstance(obj, (tuple, list)):
         for item in obj:
             yield from _tensors(item)
-

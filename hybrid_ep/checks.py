@@ -130,7 +130,10 @@ def split_dispatch_x(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if hidden % FP8_SCALE_BLOCK != 0:
             raise ValueError(f"x[0]: FP8 hidden size must be a multiple of {FP8_SCALE_BLOCK}, got {hidden}")
         check_tensor(
-            "x[1] (scales)", scales, dtype=torch.float32, shape=(data.size(0), hidden // FP8_SCALE_BLOCK),
+            "x[1] (scales)",
+            scales,
+            dtype=torch.float32,
+            shape=(data.size(0), hidden // FP8_SCALE_BLOCK),
             device=data.device,
         )
         return data, scales
@@ -162,7 +165,11 @@ def check_layout(
         )
     check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtype=torch.int32, shape=(num_ranks,), device=device)
     check_tensor(
-        "is_token_in_rank", is_token_in_rank, dtype=torch.bool, shape=(num_tokens, num_ranks), device=device,
+        "is_token_in_rank",
+        is_token_in_rank,
+        dtype=torch.bool,
+        shape=(num_tokens, num_ranks),
+        device=device,
         contiguous=True,
     )
     check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32, dim=1, device=device)

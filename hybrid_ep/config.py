@@ -48,7 +48,7 @@ class Config:
                 )
         self.validate()
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Raises ValueError naming every field that is out of range; returns self otherwise."""
         errors = []
         fields = (

@@ -26,7 +26,7 @@ class EventHandle:
             self.event.record(stream if stream is not None else torch.cuda.current_stream())
 
     @classmethod
-    def completed(cls) -> "EventHandle":
+    def completed(cls) -> EventHandle:
         """Returns: a handle with no event, for work that finished synchronously (the CPU backend)."""
         handle = cls.__new__(cls)
         handle.event = None
@@ -66,7 +66,7 @@ class EventOverlap:
             )
         self.event.current_stream_wait()
 
-    def __enter__(self) -> "EventOverlap":
+    def __enter__(self) -> EventOverlap:
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

@@ -121,7 +121,9 @@ def dispatch(
         rank_prefix_matrix, _, _, cached_src_idx, is_token_in_rank, _ = _check_handle(handle, num_tokens, num_ranks)
         count_matrix = _counts_from_prefix(rank_prefix_matrix)
         num_out_rows = max(cached_src_idx.size(0), num_worst_tokens)
-        recv_rows, _ = _exchange_rows(_pack(data, scales, None, None, None), is_token_in_rank, count_matrix, rank, group)
+        recv_rows, _ = _exchange_rows(
+            _pack(data, scales, None, None, None), is_token_in_rank, count_matrix, rank, group
+        )
         recv_x = _unpack_x(recv_rows, data, scales, num_out_rows)
         return recv_x, None, None, None, None
 
@@ -143,7 +145,9 @@ def dispatch(
     # Exchange per-destination counts, per-expert counts and per-channel prefixes in one all-gather.
     send_counts = is_token_in_rank.sum(0, dtype=torch.int64)
     channel_prefix_matrix = _channel_prefix(is_token_in_rank, num_channels)  # [num_ranks, num_channels]
-    meta = torch.cat([send_counts, num_tokens_per_expert.to(torch.int64), channel_prefix_matrix.flatten().to(torch.int64)])
+    meta = torch.cat(
+        [send_counts, num_tokens_per_expert.to(torch.int64), channel_prefix_matrix.flatten().to(torch.int64)]
+    )
     gathered = _all_gather(meta, group).cpu()  # [num_ranks, num_ranks + num_experts + num_ranks * num_channels]
     count_matrix = gathered[:, :num_ranks]  # [src, dst]
     experts_per_rank = num_experts // num_ranks
@@ -183,7 +187,9 @@ def dispatch(
         num_recv_tokens_per_expert_list: list[int] = []
     else:
         counts = expert_counts.sum(0).tolist()
-        num_recv_tokens_per_expert_list = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in counts]
+        num_recv_tokens_per_expert_list = [
+            (c + expert_alignment - 1) // expert_alignment * expert_alignment for c in counts
+        ]
 
     # Receiver side: where each source's channel starts among this rank's rows.
     rank_start = (rank_prefix_matrix[:, rank] - count_matrix[:, rank]).unsqueeze(1)
@@ -227,13 +233,13 @@ def combine(
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = _check_handle(handle, None, num_ranks)
     num_rows, hidden, device = x.size(0), x.size(1), x.device
     if num_rows != recv_src_idx.size(0):
-        raise ValueError(
-            f"x must have as many rows as the dispatch returned ({recv_src_idx.size(0)}), got {num_rows}"
-        )
+        raise ValueError(f"x must have as many rows as the dispatch returned ({recv_src_idx.size(0)}), got {num_rows}")
     if is_token_in_rank.device != device:
         raise ValueError(f"x must be on {is_token_in_rank.device} like the handle, got {device}")
     if topk_weights is not None:
-        checks.check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(num_rows, None), device=device, contiguous=True)
+        checks.check_tensor(
+            "topk_weights", topk_weights, dtype=torch.float32, shape=(num_rows, None), device=device, contiguous=True
+        )
     num_tokens = is_token_in_rank.size(0)
     biases = _split_bias(bias, num_tokens, hidden, x.dtype, device)
 
@@ -280,13 +286,13 @@ def _check_handle(handle: Any, num_tokens: Optional[int], num_ranks: int) -> Han
     if not isinstance(handle, tuple) or len(handle) != 6:
         raise ValueError(f"handle must be the 6-tuple returned by dispatch, got {checks.describe(handle)}")
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
-    checks.check_tensor("handle[0] (rank_prefix_matrix)", rank_prefix_matrix, dtype=torch.int32, shape=(num_ranks, num_ranks))
+    checks.check_tensor(
+        "handle[0] (rank_prefix_matrix)", rank_prefix_matrix, dtype=torch.int32, shape=(num_ranks, num_ranks)
+    )
     checks.check_tensor("handle[3] (recv_src_idx)", recv_src_idx, dtype=torch.int32, dim=1)
     checks.check_tensor("handle[4] (is_token_in_rank)", is_token_in_rank, dtype=torch.bool, shape=(None, num_ranks))
     if num_tokens is not None and is_token_in_rank.size(0) != num_tokens:
-        raise ValueError(
-            f"x has {num_tokens} tokens but the handle was made for {is_token_in_rank.size(0)} tokens"
-        )
+        raise ValueError(f"x has {num_tokens} tokens but the handle was made for {is_token_in_rank.size(0)} tokens")
     return handle
 
 
@@ -340,7 +346,10 @@ def _unpack_x(recv_rows: torch.Tensor, data: torch.Tensor, scales: Optional[torc
 
 
 def _exchange_rows(
-    packed: torch.Tensor, is_token_in_rank: torch.Tensor, count_matrix: torch.Tensor, rank: int,
+    packed: torch.Tensor,
+    is_token_in_rank: torch.Tensor,
+    count_matrix: torch.Tensor,
+    rank: int,
     group: dist.ProcessGroup,
 ) -> tuple[torch.Tensor, list[int]]:
     """Sends row t of `packed` to every rank r with is_token_in_rank[t, r], ascending t per destination.
@@ -354,7 +363,10 @@ def _exchange_rows(
 
 
 def _exchange_rows_back(
-    packed: torch.Tensor, is_token_in_rank: torch.Tensor, count_matrix: torch.Tensor, rank: int,
+    packed: torch.Tensor,
+    is_token_in_rank: torch.Tensor,
+    count_matrix: torch.Tensor,
+    rank: int,
     group: dist.ProcessGroup,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The reverse of `_exchange_rows`. Returns: per rank r, (rows r sent back, the local token index of each)."""
@@ -366,7 +378,9 @@ def _exchange_rows_back(
     return rows, tokens
 
 
-def _all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+def _all_to_all(
+    send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group: dist.ProcessGroup
+) -> torch.Tensor:
     recv = torch.empty((sum(recv_counts), send.size(1)), dtype=send.dtype, device=send.device)
     if dist.get_world_size(group) == 1:
         recv.copy_(send)
@@ -394,7 +408,9 @@ def _send_head(is_token_in_rank: torch.Tensor, count_matrix: torch.Tensor, rank:
     return torch.where(is_token_in_rank, head, torch.full_like(head, -1))
 
 
-def _split_bias(bias: Any, num_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def _split_bias(
+    bias: Any, num_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
     if bias is None:
         return []
     items = list(bias) if isinstance(bias, (tuple, list)) else [bias]

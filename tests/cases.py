@@ -114,8 +114,16 @@ def expected_for_rank(s: Scenario, inp: Inputs, rank: int, num_ranks: int) -> Ex
         if e >= 0:
             per_expert_global[e] += 1
     return Expected(
-        rows, recv_x, recv_x8, recv_sc, recv_idx, recv_w, per_expert,
-        in_rank.sum(0).to(torch.int32), per_expert_global, in_rank,
+        rows,
+        recv_x,
+        recv_x8,
+        recv_sc,
+        recv_idx,
+        recv_w,
+        per_expert,
+        in_rank.sum(0).to(torch.int32),
+        per_expert_global,
+        in_rank,
     )
 
 

@@ -11,37 +11,110 @@ import pytest
 import torch
 
 import hybrid_ep
+
 from distributed import ProcessGroupInfo, parallel_launch
 
 E = inspect.Parameter.empty
 # DeepEP v1 (last upstream v1 release) method signatures: (name, default) after `self`.
 DEEPEP_V1 = {
-    "__init__": [("group", None), ("num_nvl_bytes", 0), ("num_rdma_bytes", 0), ("low_latency_mode", False),
-                 ("num_qps_per_rank", 24), ("allow_nvlink_for_low_latency_mode", True), ("allow_mnnvl", False),
-                 ("use_fabric", False), ("explicitly_destroy", False), ("enable_shrink", False), ("comm", None)],
-    "get_dispatch_layout": [("topk_idx", E), ("num_experts", E), ("previous_event", None), ("async_finish", False),
-                            ("allocate_on_comm_stream", False)],
-    "dispatch": [("x", E), ("handle", None), ("num_tokens_per_rank", None), ("num_tokens_per_rdma_rank", None),
-                 ("is_token_in_rank", None), ("num_tokens_per_expert", None), ("topk_idx", None),
-                 ("topk_weights", None), ("expert_alignment", 1), ("num_worst_tokens", 0), ("config", None),
-                 ("previous_event", None), ("async_finish", False), ("allocate_on_comm_stream", False)],
-    "combine": [("x", E), ("handle", E), ("topk_weights", None), ("bias", None), ("config", None),
-                ("previous_event", None), ("async_finish", False), ("allocate_on_comm_stream", False)],
-    "internode_dispatch": [("x", E), ("handle", None), ("num_tokens_per_rank", None),
-                           ("num_tokens_per_rdma_rank", None), ("is_token_in_rank", None),
-                           ("num_tokens_per_expert", None), ("topk_idx", None), ("topk_weights", None),
-                           ("expert_alignment", 1), ("num_worst_tokens", 0), ("config", None),
-                           ("previous_event", None), ("async_finish", False), ("allocate_on_comm_stream", False)],
-    "internode_combine": [("x", E), ("handle", E), ("topk_weights", None), ("bias", None), ("config", None),
-                          ("previous_event", None), ("async_finish", False), ("allocate_on_comm_stream", False)],
+    "__init__": [
+        ("group", None),
+        ("num_nvl_bytes", 0),
+        ("num_rdma_bytes", 0),
+        ("low_latency_mode", False),
+        ("num_qps_per_rank", 24),
+        ("allow_nvlink_for_low_latency_mode", True),
+        ("allow_mnnvl", False),
+        ("use_fabric", False),
+        ("explicitly_destroy", False),
+        ("enable_shrink", False),
+        ("comm", None),
+    ],
+    "get_dispatch_layout": [
+        ("topk_idx", E),
+        ("num_experts", E),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
+    "dispatch": [
+        ("x", E),
+        ("handle", None),
+        ("num_tokens_per_rank", None),
+        ("num_tokens_per_rdma_rank", None),
+        ("is_token_in_rank", None),
+        ("num_tokens_per_expert", None),
+        ("topk_idx", None),
+        ("topk_weights", None),
+        ("expert_alignment", 1),
+        ("num_worst_tokens", 0),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
+    "combine": [
+        ("x", E),
+        ("handle", E),
+        ("topk_weights", None),
+        ("bias", None),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
+    "internode_dispatch": [
+        ("x", E),
+        ("handle", None),
+        ("num_tokens_per_rank", None),
+        ("num_tokens_per_rdma_rank", None),
+        ("is_token_in_rank", None),
+        ("num_tokens_per_expert", None),
+        ("topk_idx", None),
+        ("topk_weights", None),
+        ("expert_alignment", 1),
+        ("num_worst_tokens", 0),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
+    "internode_combine": [
+        ("x", E),
+        ("handle", E),
+        ("topk_weights", None),
+        ("bias", None),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
     "clean_low_latency_buffer": [("num_max_dispatch_tokens_per_rank", E), ("hidden", E), ("num_experts", E)],
-    "low_latency_dispatch": [("x", E), ("topk_idx", E), ("num_max_dispatch_tokens_per_rank", E), ("num_experts", E),
-                             ("cumulative_local_expert_recv_stats", None), ("dispatch_wait_recv_cost_stats", None),
-                             ("use_fp8", True), ("round_scale", False), ("use_ue8m0", False),
-                             ("async_finish", False), ("return_recv_hook", False)],
-    "low_latency_combine": [("x", E), ("topk_idx", E), ("topk_weights", E), ("handle", E), ("use_logfmt", False),
-                            ("zero_copy", False), ("async_finish", False), ("return_recv_hook", False),
-                            ("out", None), ("combine_wait_recv_cost_stats", None)],
+    "low_latency_dispatch": [
+        ("x", E),
+        ("topk_idx", E),
+        ("num_max_dispatch_tokens_per_rank", E),
+        ("num_experts", E),
+        ("cumulative_local_expert_recv_stats", None),
+        ("dispatch_wait_recv_cost_stats", None),
+        ("use_fp8", True),
+        ("round_scale", False),
+        ("use_ue8m0", False),
+        ("async_finish", False),
+        ("return_recv_hook", False),
+    ],
+    "low_latency_combine": [
+        ("x", E),
+        ("topk_idx", E),
+        ("topk_weights", E),
+        ("handle", E),
+        ("use_logfmt", False),
+        ("zero_copy", False),
+        ("async_finish", False),
+        ("return_recv_hook", False),
+        ("out", None),
+        ("combine_wait_recv_cost_stats", None),
+    ],
     "get_next_low_latency_combine_buffer": [("handle", E)],
     "low_latency_update_mask_buffer": [("rank_to_mask", E), ("mask", False)],
     "low_latency_query_mask_buffer": [("mask_status", E)],
@@ -54,8 +127,12 @@ DEEPEP_V1_STATIC = {
     "set_num_sms": [("new_num_sms", E)],
     "is_sm90_compiled": [],
     "capture": [],
-    "get_low_latency_rdma_size_hint": [("num_max_dispatch_tokens_per_rank", E), ("hidden", E), ("num_ranks", E),
-                                       ("num_experts", E)],
+    "get_low_latency_rdma_size_hint": [
+        ("num_max_dispatch_tokens_per_rank", E),
+        ("hidden", E),
+        ("num_ranks", E),
+        ("num_experts", E),
+    ],
     "get_dispatch_config": [("num_ranks", E)],
     "get_combine_config": [("num_ranks", E)],
 }
@@ -63,8 +140,11 @@ DEEPEP_V1_STATIC = {
 
 def _positional(fn) -> list[tuple[str, object]]:
     params = inspect.signature(fn).parameters.values()
-    return [(p.name, p.default) for p in params
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)]
+    return [
+        (p.name, p.default)
+        for p in params
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(DEEPEP_V1))
@@ -86,10 +166,13 @@ def test_module_exports_like_deep_ep() -> None:
     assert deep_ep.topk_idx_t is torch.int64
     assert hybrid_ep.Buffer.num_sms == 20
     assert [p.name for p in inspect.signature(hybrid_ep.Config).parameters.values()] == [
-        "num_sms", "num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
-        "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"]
-    assert [p.name for p in inspect.signature(hybrid_ep.EventOverlap).parameters.values()] == [
-        "event", "extra_tensors"]
+        "num_sms",
+        "num_max_nvl_chunked_send_tokens",
+        "num_max_nvl_chunked_recv_tokens",
+        "num_max_rdma_chunked_send_tokens",
+        "num_max_rdma_chunked_recv_tokens",
+    ]
+    assert [p.name for p in inspect.signature(hybrid_ep.EventOverlap).parameters.values()] == ["event", "extra_tensors"]
 
 
 def test_config_validation_names_every_bad_value() -> None:

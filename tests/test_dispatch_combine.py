@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hybrid_ep
+
 from cases import Scenario, align, cpu, expected_combine, expected_for_rank, make_inputs, to_device
 from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
 
@@ -29,8 +30,15 @@ def scenarios(num_ranks: int) -> list[Scenario]:
         senders = [0] + many[1:]
         out += [
             Scenario("rank0_sends_nothing", senders, hidden=64, num_experts=4 * R, num_topk=2, seed=20),
-            Scenario("last_rank_receives_nothing", many, hidden=64, num_experts=4 * R, num_topk=2, seed=21,
-                     routing="avoid_last_rank"),
+            Scenario(
+                "last_rank_receives_nothing",
+                many,
+                hidden=64,
+                num_experts=4 * R,
+                num_topk=2,
+                seed=21,
+                routing="avoid_last_rank",
+            ),
             Scenario("all_to_rank0", many, hidden=64, num_experts=4 * R, num_topk=3, seed=22, routing="one_rank"),
         ]
     return out
@@ -58,8 +66,13 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
         x = (inp.x_fp8[me], inp.scales[me]) if s.fp8 else inp.x[me]
         alignment = 4 if s.name == "uniform" else 1
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], expert_alignment=alignment,
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=inp.topk_idx[me],
+            topk_weights=inp.topk_weights[me],
+            expert_alignment=alignment,
         )
         assert recv_idx.device == pg.device
         recv_x, recv_idx, recv_w, handle = cpu((recv_x, recv_idx, recv_w, handle))
@@ -74,9 +87,9 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
         assert counts == [align(c, alignment) for c in exp.num_recv_tokens_per_expert], (s.name, counts)
         rank_prefix_matrix, _, _, recv_src_idx, _, _ = handle
         assert recv_src_idx.tolist() == [t for _, t in exp.rows], s.name
-        assert rank_prefix_matrix[:, me].tolist() == [
-            sum(1 for src, _ in exp.rows if src <= i) for i in range(R)
-        ], s.name
+        assert rank_prefix_matrix[:, me].tolist() == [sum(1 for src, _ in exp.rows if src <= i) for i in range(R)], (
+            s.name
+        )
 
         # Cached dispatch with the handle moves the same rows.
         cached = cpu(buffer.dispatch(x, handle=to_device_handle(handle, pg.device)))
@@ -90,14 +103,18 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
             bias = None
             if s.name == "holes":
                 g = torch.Generator().manual_seed(99 + me)
-                bias = [torch.randint(-3, 4, (s.num_tokens[me], s.hidden), generator=g).to(torch.bfloat16)
-                        for _ in range(2)]
+                bias = [
+                    torch.randint(-3, 4, (s.num_tokens[me], s.hidden), generator=g).to(torch.bfloat16) for _ in range(2)
+                ]
             dev_handle = to_device_handle(handle, pg.device)
-            combined, combined_w, _ = cpu(buffer.combine(
-                (recv_x.float() * (me + 1)).to(torch.bfloat16).to(pg.device), dev_handle,
-                topk_weights=recv_w.to(pg.device),
-                bias=tuple(b.to(pg.device) for b in bias) if bias else None,
-            ))
+            combined, combined_w, _ = cpu(
+                buffer.combine(
+                    (recv_x.float() * (me + 1)).to(torch.bfloat16).to(pg.device),
+                    dev_handle,
+                    topk_weights=recv_w.to(pg.device),
+                    bias=tuple(b.to(pg.device) for b in bias) if bias else None,
+                )
+            )
             want_x, want_w = expected_combine(s, host_inp, me, R, bias)
             assert torch.equal(combined, want_x), s.name
             assert torch.equal(combined_w, want_w), s.name
@@ -118,8 +135,13 @@ def run_worst_tokens(pg: ProcessGroupInfo) -> None:
     worst = sum(s.num_tokens)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
     recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        inp.x[me], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], num_worst_tokens=worst,
+        inp.x[me],
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inp.topk_idx[me],
+        topk_weights=inp.topk_weights[me],
+        num_worst_tokens=worst,
     )
     m = len(exp.rows)
     assert recv_x.shape == (worst, s.hidden) and recv_idx.shape == (worst, s.num_topk) and counts == []
@@ -129,7 +151,9 @@ def run_worst_tokens(pg: ProcessGroupInfo) -> None:
     assert int(handle[0][R - 1, me]) == m
     cached_x = buffer.dispatch(inp.x[me], handle=handle)[0]
     assert cached_x.shape == (worst, s.hidden) and torch.equal(cached_x[:m], exp.recv_x)
-    combined, combined_w, _ = buffer.combine((recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w)
+    combined, combined_w, _ = buffer.combine(
+        (recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w
+    )
     want_x, want_w = expected_combine(s, inp, me, R)
     assert torch.equal(combined, want_x) and torch.equal(combined_w, want_w)
 
@@ -147,8 +171,14 @@ def run_events(pg: ProcessGroupInfo) -> None:
     )
     event.current_stream_wait()
     recv_x, _, _, _, handle, event = buffer.dispatch(
-        inp.x[me], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], previous_event=prev, async_finish=True,
+        inp.x[me],
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inp.topk_idx[me],
+        topk_weights=inp.topk_weights[me],
+        previous_event=prev,
+        async_finish=True,
     )
     with event:
         pass

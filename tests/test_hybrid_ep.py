@@ -23,7 +23,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hybrid_ep  # noqa: E402
-from cases import Scenario, cpu, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
+
+from cases import Scenario, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
 from distributed import ProcessGroupInfo, parallel_launch  # noqa: E402
 
 
@@ -71,8 +72,16 @@ def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Calla
     R, me = pg.world_size, pg.rank
     cases = [
         Scenario("uniform", [64 + 7 * r for r in range(R)], hidden=256, num_experts=8 * R, num_topk=4, seed=1),
-        Scenario("holes+fp8", [48 + 3 * r for r in range(R)], hidden=512, num_experts=4 * R, num_topk=3, seed=2,
-                 routing="holes", fp8=True),
+        Scenario(
+            "holes+fp8",
+            [48 + 3 * r for r in range(R)],
+            hidden=512,
+            num_experts=4 * R,
+            num_topk=3,
+            seed=2,
+            routing="holes",
+            fp8=True,
+        ),
         Scenario("nowhere", [33] * R, hidden=128, num_experts=2 * R, num_topk=2, seed=3, routing="nowhere"),
     ]
     for s in cases:
@@ -85,15 +94,21 @@ def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Calla
         assert torch.equal(in_rank.cpu(), exp.is_token_in_rank), f"{s.name}: is_token_in_rank"
         x = (inp.x_fp8[me], inp.scales[me]) if s.fp8 else inp.x[me]
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me])
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=inp.topk_idx[me],
+            topk_weights=inp.topk_weights[me],
+        )
         if s.fp8:
             assert torch.equal(recv_x[0].cpu().view(torch.uint8), exp.recv_x_fp8.view(torch.uint8)), s.name
             assert torch.equal(recv_x[1].cpu(), exp.recv_scales), s.name
         else:
             assert torch.equal(recv_x.cpu(), exp.recv_x), f"{s.name}: recv_x"
             combined, combined_w, _ = buffer.combine(
-                (recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w)
+                (recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=recv_w
+            )
             want_x, want_w = expected_combine(s, host, me, R)
             assert torch.equal(combined.cpu(), want_x), f"{s.name}: combined_x"
             assert torch.equal(combined_w.cpu(), want_w), f"{s.name}: combined_topk_weights"
@@ -107,8 +122,11 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     R, me, device = pg.world_size, pg.rank, pg.device
     log = print if me == 0 else (lambda *_: None)
     buffer = hybrid_ep.Buffer(pg.group, explicitly_destroy=True)
-    log(f"[setup] {R} ranks, backend {pg.backend}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-        f"hybrid_ep {hybrid_ep.__version__}, extension: {hybrid_ep.build_info()['extension']}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(
+        f"[setup] {R} ranks, backend {pg.backend}, device {device_name}, hybrid_ep {hybrid_ep.__version__}, "
+        f"extension: {hybrid_ep.build_info()['extension']}"
+    )
     if not args.skip_check:
         check_correctness(pg, buffer, log)
 
@@ -116,8 +134,11 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     if device.type == "cuda" and hybrid_ep.has_extension():
         kernel = buffer.get_dispatch_layout(topk_idx, args.num_experts)
         ref = hybrid_ep.reference.get_dispatch_layout(topk_idx, args.num_experts, R)
-        for name, a, b in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
-                              (kernel[0], kernel[2], kernel[3]), (ref[0], ref[2], ref[3])):
+        for name, a, b in zip(
+            ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
+            (kernel[0], kernel[2], kernel[3]),
+            (ref[0], ref[2], ref[3]),
+        ):
             assert torch.equal(a, b), f"layout kernel differs from the reference in {name}"
         log("[correctness] layout kernel bitwise equal to the reference on the benchmark routing")
     if args.skip_bench:
@@ -129,13 +150,20 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     topk_weights = torch.rand(args.num_tokens, args.num_topk, generator=g, device=device)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
     recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=topk_idx, topk_weights=topk_weights)
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+    )
     num_recv = recv_x.size(0)
     bf16_bytes = num_recv * args.hidden * 2
     fp8_bytes = num_recv * (args.hidden + args.hidden // 128 * 4)
-    x_fp8 = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn),
-             torch.ones(args.num_tokens, args.hidden // 128, device=device))
+    x_fp8 = (
+        x.float().clamp(-448, 448).to(torch.float8_e4m3fn),
+        torch.ones(args.num_tokens, args.hidden // 128, device=device),
+    )
     timing = dict(device=device, num_warmups=args.num_warmups, num_tests=args.num_tests)
 
     results: dict[str, Any] = {}
@@ -144,19 +172,39 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
         mean = torch.tensor([t[0]], dtype=torch.float64, device=device)
         everyone = [torch.zeros_like(mean) for _ in range(R)]
         dist.all_gather(everyone, mean, group=pg.group)
-        results[label] = dict(gbps=num_bytes / 1e9 / t[0], time_us=t[0] * 1e6, min_us=t[1] * 1e6, max_us=t[2] * 1e6,
-                              bytes=num_bytes, rank_time_us=[float(v) * 1e6 for v in everyone])
-        log(f"[bench] {label}: {num_bytes / 1e9 / t[0]:.2f} GB/s, t: {t[0] * 1e6:.1f} us "
-            f"[min {t[1] * 1e6:.1f}, max {t[2] * 1e6:.1f}], {num_bytes / 1e6:.2f} MB received by rank 0")
+        results[label] = dict(
+            gbps=num_bytes / 1e9 / t[0],
+            time_us=t[0] * 1e6,
+            min_us=t[1] * 1e6,
+            max_us=t[2] * 1e6,
+            bytes=num_bytes,
+            rank_time_us=[float(v) * 1e6 for v in everyone],
+        )
+        log(
+            f"[bench] {label}: {num_bytes / 1e9 / t[0]:.2f} GB/s, t: {t[0] * 1e6:.1f} us "
+            f"[min {t[1] * 1e6:.1f}, max {t[2] * 1e6:.1f}], {num_bytes / 1e6:.2f} MB received by rank 0"
+        )
 
     t = bench(lambda: buffer.get_dispatch_layout(topk_idx, args.num_experts), **timing)
     log(f"[bench] layout: t: {t[0] * 1e6:.1f} us")
     results["layout"] = dict(time_us=t[0] * 1e6)
     report("dispatch BF16 (cached handle)", bf16_bytes, bench(lambda: buffer.dispatch(x, handle=handle), **timing))
     report("dispatch FP8 (cached handle)", fp8_bytes, bench(lambda: buffer.dispatch(x_fp8, handle=handle), **timing))
-    report("dispatch BF16 (with layout)", bf16_bytes, bench(lambda: buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=topk_idx, topk_weights=topk_weights), **timing))
+    report(
+        "dispatch BF16 (with layout)",
+        bf16_bytes,
+        bench(
+            lambda: buffer.dispatch(
+                x,
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx,
+                topk_weights=topk_weights,
+            ),
+            **timing,
+        ),
+    )
     report("combine BF16", bf16_bytes, bench(lambda: buffer.combine(recv_x, handle, topk_weights=recv_w), **timing))
 
     if device.type == "cuda":
@@ -169,13 +217,19 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
         dist.all_gather(all_counts, counts, group=pg.group)
         recv_counts = [int(c[me]) for c in all_counts]
         recv = torch.empty(sum(recv_counts), args.hidden, dtype=torch.bfloat16, device=device)
-        report("NCCL all_to_all_single, same rows", bf16_bytes, bench(lambda: dist.all_to_all_single(
-            recv, send, recv_counts, send_counts, group=pg.group), **timing))
+        report(
+            "NCCL all_to_all_single, same rows",
+            bf16_bytes,
+            bench(lambda: dist.all_to_all_single(recv, send, recv_counts, send_counts, group=pg.group), **timing),
+        )
         # DeepEP's anchor figure: every (token, expert) pair as a row.
         pairs = x.repeat_interleave(args.num_topk, dim=0)
         pair_out = torch.empty_like(pairs)
-        report("NCCL all_to_all_single, one row per (token, expert)", pairs.numel() * 2, bench(
-            lambda: dist.all_to_all_single(pair_out, pairs, group=pg.group), **timing))
+        report(
+            "NCCL all_to_all_single, one row per (token, expert)",
+            pairs.numel() * 2,
+            bench(lambda: dist.all_to_all_single(pair_out, pairs, group=pg.group), **timing),
+        )
     if args.json and me == 0:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), num_ranks=R, backend=pg.backend, results=results), f, indent=2)
@@ -186,14 +240,24 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-processes", type=int, default=gpus if gpus > 0 else 4,
-                        help="ranks (default: every GPU, or 4 CPU ranks without GPUs)")
-    parser.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
-                        help="auto: NCCL when there are enough GPUs, else gloo on the CPU")
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=gpus if gpus > 0 else 4,
+        help="ranks (default: every GPU, or 4 CPU ranks without GPUs)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="auto: NCCL when there are enough GPUs, else gloo on the CPU",
+    )
     parser.add_argument("--num-tokens", type=int, default=None, help="tokens per rank (4096 on GPUs, 128 on CPUs)")
     parser.add_argument("--hidden", type=int, default=None, help="hidden size (7168 on GPUs, 256 on CPUs)")
     parser.add_argument("--num-topk", type=int, default=None, help="experts per token (8 on GPUs, 4 on CPUs)")
-    parser.add_argument("--num-experts", type=int, default=None, help="global experts (256 on GPUs, 8 per rank on CPUs)")
+    parser.add_argument(
+        "--num-experts", type=int, default=None, help="global experts (256 on GPUs, 8 per rank on CPUs)"
+    )
     parser.add_argument("--routing", default="uniform", help="uniform, or skewed:F (fraction F goes to rank 0)")
     parser.add_argument("--num-warmups", type=int, default=None)
     parser.add_argument("--num-tests", type=int, default=None)
@@ -208,9 +272,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.backend == "nccl" and args.num_processes > gpus:
         parser.error(f"--backend nccl needs one GPU per process: {args.num_processes} processes, {gpus} GPUs")
     on_gpu = args.backend == "nccl"
-    defaults = dict(num_tokens=4096 if on_gpu else 128, hidden=7168 if on_gpu else 256, num_topk=8 if on_gpu else 4,
-                    num_experts=256 if on_gpu else 8 * args.num_processes, num_warmups=10 if on_gpu else 2,
-                    num_tests=30 if on_gpu else 5)
+    defaults = dict(
+        num_tokens=4096 if on_gpu else 128,
+        hidden=7168 if on_gpu else 256,
+        num_topk=8 if on_gpu else 4,
+        num_experts=256 if on_gpu else 8 * args.num_processes,
+        num_warmups=10 if on_gpu else 2,
+        num_tests=30 if on_gpu else 5,
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -13,9 +13,27 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_hybrid_e
 def test_script_runs_and_writes_json(tmp_path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--num-processes", "2", "--backend", "gloo", "--num-tokens", "40", "--hidden", "128",
-         "--num-tests", "3", "--num-warmups", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            SCRIPT,
+            "--num-processes",
+            "2",
+            "--backend",
+            "gloo",
+            "--num-tokens",
+            "40",
+            "--hidden",
+            "128",
+            "--num-tests",
+            "3",
+            "--num-warmups",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[correctness] uniform: dispatch/combine/layout as expected (2 ranks)" in proc.stdout
@@ -26,6 +44,10 @@ def test_script_runs_and_writes_json(tmp_path) -> None:
 
 
 def test_script_rejects_bad_arguments() -> None:
-    proc = subprocess.run([sys.executable, SCRIPT, "--num-processes", "3", "--backend", "gloo", "--num-experts", "8"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--num-processes", "3", "--backend", "gloo", "--num-experts", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--num-experts 8 must be divisible by --num-processes 3" in proc.stderr

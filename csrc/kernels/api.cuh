@@ -1,0 +1,39 @@
+// Declarations of the kernel launchers and their parameter structs. Launchers take raw device pointers, one
+// params struct and a `cudaStream_t`; they check their arguments (throwing `HEPException`), enqueue all work on
+// `stream` and return without synchronizing.
+// Preconditions: host code; no torch headers. Pointers are device pointers on the current CUDA device.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace hybrid_ep::kernels {
+
+// Largest `num_topk` the layout kernel accepts: one token's entries are handled by at most one warp.
+constexpr int kMaxNumTopk = 32;
+
+// Parameters of `get_dispatch_layout`, passed to the kernel as one `__grid_constant__` struct.
+struct DispatchLayoutParams {
+    const int64_t* topk_idx;     // [num_tokens, num_topk]; entries < 0 or >= num_experts are skipped
+    int* num_tokens_per_rank;    // [num_ranks]; tokens with at least one expert on the rank
+    int* num_tokens_per_domain;  // [num_domains], or nullptr; tokens with at least one expert in the domain
+    int* num_tokens_per_expert;  // [num_experts]; (token, k) entries equal to the expert
+    bool* is_token_in_rank;      // [num_tokens, num_ranks]; whether the token has an expert on the rank
+    int num_tokens;              // rows of topk_idx, >= 0
+    int num_topk;                // columns of topk_idx, 1..kMaxNumTopk
+    int num_experts;             // > 0, a multiple of num_ranks; rank r holds experts [r * L, (r + 1) * L)
+    int num_ranks;               // > 0
+    int num_ranks_per_domain;    // P: domain d is ranks [d * P, (d + 1) * P); unused when num_domains == 0
+    int num_domains;             // num_ranks / P when num_tokens_per_domain is wanted, else 0
+};
+
+// Computes the dispatch layout of `topk_idx` (see `DispatchLayoutParams`); every output is fully written,
+// also when `num_tokens == 0`.
+// Arguments:
+//     params: pointers and sizes; checked here.
+//     num_sms: SM count of the current device (sizes the grid).
+//     stream: the stream all work is enqueued on.
+void get_dispatch_layout(const DispatchLayoutParams& params, int num_sms, cudaStream_t stream);
+
+}  // namespace hybrid_ep::kernels

@@ -146,7 +146,8 @@ class Buffer:
         send_bytes = max(tokens * dispatch_msg_bytes, num_experts * tokens * combine_msg_bytes)
         recv_bytes = num_experts * tokens * max(dispatch_msg_bytes, combine_msg_bytes)
         signal_bytes = (num_experts * 4 + 127) // 128 * 128
-        return (2 * (send_bytes + recv_bytes + signal_bytes) + 127) // 128 * 128
+        # Rounded as DeepEP rounds it (one extra 128 bytes when already aligned), so sizes match byte for byte.
+        return (2 * (send_bytes + recv_bytes + signal_bytes) + 128) // 128 * 128
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
@@ -211,9 +212,8 @@ class Buffer:
         checks.check_topk_idx(topk_idx, num_experts=num_experts, device=self.device)
 
         def run() -> tuple:
-            if topk_idx.is_cuda:
-                ext = _ext.require_extension("get_dispatch_layout on CUDA tensors")
-                per_rank, _, per_expert, in_rank = ext.get_dispatch_layout(
+            if topk_idx.is_cuda and _ext.has_extension():
+                per_rank, _, per_expert, in_rank = _ext.require_extension("the layout kernel").get_dispatch_layout(
                     topk_idx, num_experts, self.group_size, self.group_size
                 )
             else:
@@ -253,8 +253,8 @@ class Buffer:
             topk_idx: `[num_tokens, num_topk]` torch.int64 or None.
             topk_weights: `[num_tokens, num_topk]` torch.float32 or None (given with topk_idx).
             expert_alignment: round each per-expert receive count up to a multiple of this.
-            num_worst_tokens: if > 0, outputs have exactly this many rows and no host synchronisation is needed to
-                size them (the per-expert list is then empty).
+            num_worst_tokens: if > 0, outputs have exactly this many rows (the real ones first) and the per-expert
+                list is empty: the fixed shapes CUDA graphs need.
             config: a `Config`; default `get_dispatch_config(num_ranks)`.
             previous_event: an `EventOverlap` the call waits for instead of the current stream.
             async_finish: return an event instead of making the current stream wait for the call.
@@ -289,7 +289,7 @@ class Buffer:
                 num_channels=config.num_channels,
             )
 
-        inputs = (x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
+        inputs = (x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
         outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
         return (*outputs, event)
 
@@ -319,13 +319,13 @@ class Buffer:
         """
         self._check_alive()
         self._check_config(config, "combine")
-        checks.check_tensor("x", x, dtype=torch.bfloat16, dim=2, contiguous=True)
+        checks.check_combine_x(x)
         self._check_device("x", x)
 
         def run() -> tuple:
             return reference.combine(x, handle, group=self.group, topk_weights=topk_weights, bias=bias)
 
-        inputs = (x, topk_weights, *(bias if isinstance(bias, (tuple, list)) else (bias,)))
+        inputs = (x, handle, topk_weights, bias)
         outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
         return (*outputs, event)
 
@@ -461,12 +461,11 @@ class Buffer:
             comm_stream.wait_stream(compute_stream)
         with torch.cuda.stream(comm_stream):
             outputs = fn()
-        # Outputs were allocated on the comm stream; unless asked to keep them there, hand them to the compute
-        # stream's use so the caching allocator does not recycle them under it.
+        # Outputs come from the comm stream's allocator pool and are used on the compute stream: record that use,
+        # so the caching allocator does not hand their memory to the comm stream while compute still reads it.
         tensors = list(_tensors(outputs))
-        if not allocate_on_comm_stream:
-            for t in tensors:
-                t.record_stream(compute_stream)
+        for t in tensors:
+            t.record_stream(compute_stream)
         if async_finish:
             for t in _tensors(inputs):
                 t.record_stream(comm_stream)

@@ -140,6 +140,14 @@ def split_dispatch_x(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise TypeError(f"x must be a bfloat16 tensor or a (float8_e4m3fn tensor, float32 scales) tuple, got {describe(x)}")
 
 
+def check_combine_x(x: Any) -> torch.Tensor:
+    """Checks combine's `x`: `[num_recv_tokens, hidden]` torch.bfloat16, contiguous, hidden a multiple of 8."""
+    check_tensor("x", x, dtype=torch.bfloat16, dim=2, contiguous=True)
+    if (x.size(1) * x.element_size()) % 16 != 0:
+        raise ValueError(f"x: hidden size {x.size(1)} must be a multiple of 8 for bfloat16 (16-byte rows)")
+    return x
+
+
 def check_layout(
     *,
     num_tokens: int,

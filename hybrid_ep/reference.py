@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
+from .config import NUM_MAX_TOPK
 
 # (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head)
 Handle = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -88,8 +89,8 @@ def dispatch(
         x: `[num_tokens, hidden]` torch.bfloat16, or `(x [num_tokens, hidden] torch.float8_e4m3fn,
             scales [num_tokens, hidden / 128] torch.float32)` with any strides for scales.
         group: the process group (gloo for CPU tensors, NCCL for CUDA tensors).
-        handle: the handle of an earlier dispatch with the same routing (cached mode); then the layout and top-k
-            arguments must be None.
+        handle: the handle of an earlier dispatch with the same routing (cached mode): the layout arguments are
+            then ignored and topk_idx/topk_weights must be None.
         num_tokens_per_rank: `[num_ranks]` torch.int32, from `get_dispatch_layout`.
         is_token_in_rank: `[num_tokens, num_ranks]` torch.bool, from `get_dispatch_layout`.
         num_tokens_per_expert: `[num_experts]` torch.int32, from `get_dispatch_layout`.
@@ -145,21 +146,27 @@ def dispatch(
     # Exchange per-destination counts, per-expert counts and per-channel prefixes in one all-gather.
     send_counts = is_token_in_rank.sum(0, dtype=torch.int64)
     channel_prefix_matrix = _channel_prefix(is_token_in_rank, num_channels)  # [num_ranks, num_channels]
+    # The last entry is num_worst_tokens, so every rank can tell whether any rank's outputs would overflow and all
+    # raise together instead of leaving peers waiting in the exchange.
+    worst = torch.tensor([num_worst_tokens], dtype=torch.int64, device=device)
     meta = torch.cat(
-        [send_counts, num_tokens_per_expert.to(torch.int64), channel_prefix_matrix.flatten().to(torch.int64)]
+        [send_counts, num_tokens_per_expert.to(torch.int64), channel_prefix_matrix.flatten().to(device), worst]
     )
     gathered = _all_gather(meta, group).cpu()  # [num_ranks, num_ranks + num_experts + num_ranks * num_channels]
     count_matrix = gathered[:, :num_ranks]  # [src, dst]
     experts_per_rank = num_experts // num_ranks
     expert_counts = gathered[:, num_ranks + rank * experts_per_rank : num_ranks + (rank + 1) * experts_per_rank]
-    src_channel_prefix = gathered[:, num_ranks + num_experts :].view(num_ranks, num_ranks, num_channels)[:, rank]
+    src_channel_prefix = gathered[:, num_ranks + num_experts : -1].view(num_ranks, num_ranks, num_channels)[:, rank]
 
     rank_prefix_matrix = count_matrix.cumsum(0)
     num_recv_tokens = int(rank_prefix_matrix[-1, rank])
-    if num_worst_tokens > 0 and num_recv_tokens > num_worst_tokens:
-        raise ValueError(
-            f"num_worst_tokens={num_worst_tokens} is smaller than the {num_recv_tokens} tokens this rank receives"
-        )
+    recv_per_rank, worst_per_rank = count_matrix.sum(0).tolist(), gathered[:, -1].tolist()
+    for r in range(num_ranks):
+        if 0 < worst_per_rank[r] < recv_per_rank[r]:
+            raise ValueError(
+                f"num_worst_tokens={worst_per_rank[r]} on rank {r} is smaller than the {recv_per_rank[r]} tokens "
+                "that rank receives"
+            )
     num_out_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv_tokens
 
     src_idx = torch.arange(num_tokens, dtype=torch.int32, device=device).unsqueeze(1)
@@ -194,11 +201,12 @@ def dispatch(
     # Receiver side: where each source's channel starts among this rank's rows.
     rank_start = (rank_prefix_matrix[:, rank] - count_matrix[:, rank]).unsqueeze(1)
     channel_start = torch.cat([torch.zeros(num_ranks, 1, dtype=torch.int64), src_channel_prefix[:, :-1]], dim=1)
+    channel_prefix_matrix = channel_prefix_matrix.to(torch.int32)
     recv_channel_prefix_matrix = rank_start + channel_start
     send_head = _send_head(is_token_in_rank, count_matrix, rank)
     out_handle = (
         rank_prefix_matrix.to(torch.int32).to(device),
-        channel_prefix_matrix.to(torch.int32),
+        channel_prefix_matrix,
         recv_channel_prefix_matrix.to(torch.int32).to(device),
         recv_src_idx,
         is_token_in_rank,
@@ -229,7 +237,7 @@ def combine(
         combined_topk_weights: `[num_tokens, num_topk]` torch.float32, or None without topk_weights.
     """
     rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
-    checks.check_tensor("x", x, dtype=torch.bfloat16, dim=2, contiguous=True)
+    checks.check_combine_x(x)
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = _check_handle(handle, None, num_ranks)
     num_rows, hidden, device = x.size(0), x.size(1), x.device
     if num_rows != recv_src_idx.size(0):
@@ -240,6 +248,8 @@ def combine(
         checks.check_tensor(
             "topk_weights", topk_weights, dtype=torch.float32, shape=(num_rows, None), device=device, contiguous=True
         )
+        if not 1 <= topk_weights.size(1) <= NUM_MAX_TOPK:
+            raise ValueError(f"topk_weights must have 1 to {NUM_MAX_TOPK} columns (top-k), got {topk_weights.size(1)}")
     num_tokens = is_token_in_rank.size(0)
     biases = _split_bias(bias, num_tokens, hidden, x.dtype, device)
 
@@ -390,14 +400,14 @@ def _all_to_all(
 
 
 def _channel_prefix(is_token_in_rank: torch.Tensor, num_channels: int) -> torch.Tensor:
-    """Returns: `[num_ranks, num_channels]` int64 on the CPU: tokens to each rank in channels 0..c (inclusive).
+    """Returns: `[num_ranks, num_channels]` int64: tokens to each rank in channels 0..c (inclusive).
     Channel c covers tokens [c * ceil(N / C), (c + 1) * ceil(N / C))."""
     num_tokens, num_ranks = is_token_in_rank.shape
     per_channel = max((num_tokens + num_channels - 1) // num_channels, 1)
     channel_of_token = torch.arange(num_tokens, device=is_token_in_rank.device) // per_channel
     counts = torch.zeros(num_channels, num_ranks, dtype=torch.int64, device=is_token_in_rank.device)
     counts.index_add_(0, channel_of_token, is_token_in_rank.to(torch.int64))
-    return counts.cumsum(0).t().contiguous().cpu()
+    return counts.cumsum(0).t().contiguous()
 
 
 def _send_head(is_token_in_rank: torch.Tensor, count_matrix: torch.Tensor, rank: int) -> torch.Tensor:

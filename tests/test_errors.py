@@ -249,18 +249,19 @@ def run_negative(pg: ProcessGroupInfo) -> None:
         expect_error(*case)
         _valid_round_trip(buffer, pg, seed=300 + i)
 
-    # num_worst_tokens too small for what this rank receives (same on every rank, so all raise).
-    need = torch.tensor([recv_x.size(0)])
-    torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX, group=pg.group)
-    if int(need) > 1:
-        try:
-            buffer.dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=1)
-            raised = False
-        except ValueError as e:
-            assert "num_worst_tokens=1 is smaller than" in str(e)
-            raised = True
-        # Ranks that receive at most one row legitimately succeed; every rank then carries on.
-        assert raised or recv_x.size(0) <= 1
+    # num_worst_tokens too small for what some rank receives: every rank raises (naming that rank), so no rank is
+    # left waiting in the exchange.
+    counts = torch.tensor([recv_x.size(0)])
+    everyone = [torch.zeros_like(counts) for _ in range(R)]
+    torch.distributed.all_gather(everyone, counts, group=pg.group)
+    overflowing = [r for r in range(R) if int(everyone[r]) > 1]
+    if overflowing:
+        busiest = overflowing[0]  # the error names the first rank that overflows
+        expect_error(
+            ValueError,
+            r"num_worst_tokens=1 on rank %d is smaller than the %d tokens" % (busiest, int(everyone[busiest])),
+            lambda: buffer.dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=1),
+        )
     _valid_round_trip(buffer, pg, seed=400)
 
 

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <type_traits>
 
 namespace hybrid_ep {
 
@@ -32,7 +33,44 @@ private:
     std::string what_;
 };
 
+namespace detail {
+
+// Message pieces as text. NOTES: no iostreams: numbers formatted through std::ostream inside this extension have
+// crashed (in the locale's num_put facet) when it was built with a host compiler whose libstdc++ differs from the
+// one torch was built with; std::to_string uses no locale.
+inline std::string to_text(const std::string& text) {
+    return text;
+}
+inline std::string to_text(const char* text) {
+    return text;
+}
+inline std::string to_text(bool value) {
+    return value ? "true" : "false";
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+std::string to_text(T value) {
+    return std::to_string(value);
+}
+
+template <typename... Args>
+std::string concat(const Args&... args) {
+    std::string out;
+    ((out += to_text(args)), ...);
+    return out;
+}
+
+}  // namespace detail
+
 }  // namespace hybrid_ep
+
+// Input checks of the torch-facing functions: `HEP_CHECK(cond, "x must be ...", value, ...)` throws `HEPException`
+// with the pieces (strings and numbers) joined. NOTES: used instead of TORCH_CHECK, whose message is built with
+// iostreams (see `detail::to_text`).
+#define HEP_CHECK(cond, ...)                                                                           \
+    do {                                                                                               \
+        if (!(cond))                                                                                   \
+            throw hybrid_ep::HEPException(__FILE__, __LINE__, hybrid_ep::detail::concat(__VA_ARGS__)); \
+    } while (0)
 
 #define HEP_HOST_ASSERT(cond)                                                                             \
     do {                                                                                                  \

@@ -19,6 +19,18 @@
 
 namespace hybrid_ep::layout {
 
+namespace {
+
+// "[4, 64]" without iostreams (see runtime/exception.hpp).
+std::string dims_text(at::IntArrayRef dims) {
+    std::string out = "[";
+    for (size_t i = 0; i < dims.size(); ++i)
+        out += (i > 0 ? ", " : "") + std::to_string(dims[i]);
+    return out + "]";
+}
+
+}  // namespace
+
 // Arguments:
 //     topk_idx: [num_tokens, num_topk] torch.int64 on a CUDA device, contiguous; -1 means "no expert".
 //     num_experts: experts in total; a positive multiple of num_ranks.
@@ -32,25 +44,27 @@ namespace hybrid_ep::layout {
 //     is_token_in_rank: [num_tokens, num_ranks] torch.bool.
 std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> get_dispatch_layout(
     const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, int64_t num_ranks_per_domain) {
-    TORCH_CHECK(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor, got device ", topk_idx.device());
-    TORCH_CHECK(topk_idx.scalar_type() == at::kLong, "topk_idx must be torch.int64, got ", topk_idx.scalar_type());
-    TORCH_CHECK(topk_idx.dim() == 2, "topk_idx must be 2-D [num_tokens, num_topk], got shape ", topk_idx.sizes());
-    TORCH_CHECK(topk_idx.is_contiguous(), "topk_idx must be contiguous, got strides ", topk_idx.strides(),
-                " for shape ", topk_idx.sizes());
+    HEP_CHECK(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor, got device ", topk_idx.device().str());
+    HEP_CHECK(topk_idx.scalar_type() == at::kLong, "topk_idx must be torch.int64, got ",
+              c10::toString(topk_idx.scalar_type()));
+    HEP_CHECK(topk_idx.dim() == 2, "topk_idx must be 2-D [num_tokens, num_topk], got shape ",
+              dims_text(topk_idx.sizes()));
+    HEP_CHECK(topk_idx.is_contiguous(), "topk_idx must be contiguous, got strides ", dims_text(topk_idx.strides()),
+              " for shape ", dims_text(topk_idx.sizes()));
     const int64_t num_tokens = topk_idx.size(0);
     const int64_t num_topk = topk_idx.size(1);
-    TORCH_CHECK(num_topk >= 1 && num_topk <= kernels::kMaxNumTopk, "topk_idx.size(1) (num_topk) must be in [1, ",
-                kernels::kMaxNumTopk, "], got ", num_topk);
-    TORCH_CHECK(num_tokens <= INT_MAX, "topk_idx.size(0) (num_tokens) must be at most ", INT_MAX, ", got ", num_tokens);
-    TORCH_CHECK(num_experts > 0 && num_experts <= INT_MAX, "num_experts must be in [1, ", INT_MAX, "], got ",
-                num_experts);
-    TORCH_CHECK(num_ranks > 0 && num_ranks <= INT_MAX, "num_ranks must be in [1, ", INT_MAX, "], got ", num_ranks);
-    TORCH_CHECK(num_experts % num_ranks == 0, "num_experts must be a multiple of num_ranks=", num_ranks, ", got ",
-                num_experts);
-    TORCH_CHECK(num_ranks_per_domain > 0, "num_ranks_per_domain must be positive, got ", num_ranks_per_domain);
+    HEP_CHECK(num_topk >= 1 && num_topk <= kernels::kMaxNumTopk, "topk_idx.size(1) (num_topk) must be in [1, ",
+              kernels::kMaxNumTopk, "], got ", num_topk);
+    HEP_CHECK(num_tokens <= INT_MAX, "topk_idx.size(0) (num_tokens) must be at most ", INT_MAX, ", got ", num_tokens);
+    HEP_CHECK(num_experts > 0 && num_experts <= INT_MAX, "num_experts must be in [1, ", INT_MAX, "], got ",
+              num_experts);
+    HEP_CHECK(num_ranks > 0 && num_ranks <= INT_MAX, "num_ranks must be in [1, ", INT_MAX, "], got ", num_ranks);
+    HEP_CHECK(num_experts % num_ranks == 0, "num_experts must be a multiple of num_ranks=", num_ranks, ", got ",
+              num_experts);
+    HEP_CHECK(num_ranks_per_domain > 0, "num_ranks_per_domain must be positive, got ", num_ranks_per_domain);
     const bool has_domains = num_ranks_per_domain < num_ranks;
-    TORCH_CHECK(!has_domains || num_ranks % num_ranks_per_domain == 0,
-                "num_ranks_per_domain must divide num_ranks=", num_ranks, ", got ", num_ranks_per_domain);
+    HEP_CHECK(!has_domains || num_ranks % num_ranks_per_domain == 0,
+              "num_ranks_per_domain must divide num_ranks=", num_ranks, ", got ", num_ranks_per_domain);
     const int64_t num_domains = has_domains ? num_ranks / num_ranks_per_domain : 0;
 
     const c10::cuda::CUDAGuard device_guard(topk_idx.device());

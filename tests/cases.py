@@ -161,3 +161,15 @@ def cpu(obj):
     if isinstance(obj, (tuple, list)):
         return type(obj)(cpu(o) for o in obj)
     return obj
+
+
+def layout_kwargs(buffer, topk_idx: torch.Tensor, num_experts: int) -> dict:
+    """Returns: `buffer.get_dispatch_layout`'s outputs as dispatch's keyword arguments."""
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    return dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+
+
+def dispatch_routed(buffer, x, inp: Inputs, rank: int, num_experts: int, **kwargs):
+    """Layout, then dispatch of `x` with `rank`'s routing and weights. Returns: dispatch's outputs."""
+    layout = layout_kwargs(buffer, inp.topk_idx[rank], num_experts)
+    return buffer.dispatch(x, **layout, topk_idx=inp.topk_idx[rank], topk_weights=inp.topk_weights[rank], **kwargs)

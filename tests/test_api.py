@@ -63,32 +63,8 @@ DEEPEP_V1 = {
         ("async_finish", False),
         ("allocate_on_comm_stream", False),
     ],
-    "internode_dispatch": [
-        ("x", E),
-        ("handle", None),
-        ("num_tokens_per_rank", None),
-        ("num_tokens_per_rdma_rank", None),
-        ("is_token_in_rank", None),
-        ("num_tokens_per_expert", None),
-        ("topk_idx", None),
-        ("topk_weights", None),
-        ("expert_alignment", 1),
-        ("num_worst_tokens", 0),
-        ("config", None),
-        ("previous_event", None),
-        ("async_finish", False),
-        ("allocate_on_comm_stream", False),
-    ],
-    "internode_combine": [
-        ("x", E),
-        ("handle", E),
-        ("topk_weights", None),
-        ("bias", None),
-        ("config", None),
-        ("previous_event", None),
-        ("async_finish", False),
-        ("allocate_on_comm_stream", False),
-    ],
+    "internode_dispatch": None,  # same as dispatch
+    "internode_combine": None,  # same as combine
     "clean_low_latency_buffer": [("num_max_dispatch_tokens_per_rank", E), ("hidden", E), ("num_experts", E)],
     "low_latency_dispatch": [
         ("x", E),
@@ -123,6 +99,8 @@ DEEPEP_V1 = {
     "get_comm_stream": [],
     "destroy": [],
 }
+DEEPEP_V1["internode_dispatch"] = DEEPEP_V1["dispatch"]
+DEEPEP_V1["internode_combine"] = DEEPEP_V1["combine"]
 DEEPEP_V1_STATIC = {
     "set_num_sms": [("new_num_sms", E)],
     "is_sm90_compiled": [],

@@ -8,7 +8,7 @@ import torch
 
 import hybrid_ep
 
-from cases import Scenario, align, cpu, expected_combine, expected_for_rank, make_inputs, to_device
+from cases import Scenario, align, cpu, dispatch_routed, expected_combine, expected_for_rank, make_inputs, to_device
 from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
 
 
@@ -62,17 +62,10 @@ def run_scenarios(pg: ProcessGroupInfo) -> None:
         exp = expected_for_rank(s, host_inp, me, R)
         inp = to_device(host_inp, pg.device)
         _check_layout(buffer, pg, s, inp, exp)
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
         x = (inp.x_fp8[me], inp.scales[me]) if s.fp8 else inp.x[me]
         alignment = 4 if s.name == "uniform" else 1
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=inp.topk_idx[me],
-            topk_weights=inp.topk_weights[me],
-            expert_alignment=alignment,
+        recv_x, recv_idx, recv_w, counts, handle, _ = dispatch_routed(
+            buffer, x, inp, me, s.num_experts, expert_alignment=alignment
         )
         assert recv_idx.device == pg.device
         recv_x, recv_idx, recv_w, handle = cpu((recv_x, recv_idx, recv_w, handle))
@@ -133,15 +126,8 @@ def run_worst_tokens(pg: ProcessGroupInfo) -> None:
     inp = make_inputs(s, R)
     exp = expected_for_rank(s, inp, me, R)
     worst = sum(s.num_tokens)
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
-    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        inp.x[me],
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=inp.topk_idx[me],
-        topk_weights=inp.topk_weights[me],
-        num_worst_tokens=worst,
+    recv_x, recv_idx, recv_w, counts, handle, _ = dispatch_routed(
+        buffer, inp.x[me], inp, me, s.num_experts, num_worst_tokens=worst
     )
     m = len(exp.rows)
     assert recv_x.shape == (worst, s.hidden) and recv_idx.shape == (worst, s.num_topk) and counts == []

@@ -9,7 +9,7 @@ import torch
 
 import hybrid_ep
 
-from cases import Scenario, expected_combine, expected_for_rank, make_inputs
+from cases import Scenario, dispatch_routed, expected_combine, expected_for_rank, make_inputs
 from distributed import ProcessGroupInfo, parallel_launch
 
 
@@ -29,15 +29,7 @@ def _valid_round_trip(buffer: hybrid_ep.Buffer, pg: ProcessGroupInfo, seed: int)
     s = Scenario("valid", [11, 6, 9, 4][:R], hidden=128, num_experts=4 * R, num_topk=3, seed=seed, routing="holes")
     inp = make_inputs(s, R)
     exp = expected_for_rank(s, inp, me, R)
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
-    recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
-        inp.x[me],
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=inp.topk_idx[me],
-        topk_weights=inp.topk_weights[me],
-    )
+    recv_x, recv_idx, _, _, handle, _ = dispatch_routed(buffer, inp.x[me], inp, me, s.num_experts)
     assert torch.equal(recv_x, exp.recv_x) and torch.equal(recv_idx, exp.recv_topk_idx)
     combined, _, _ = buffer.combine((recv_x.float() * (me + 1)).to(torch.bfloat16), handle)
     assert torch.equal(combined, expected_combine(s, inp, me, R)[0])

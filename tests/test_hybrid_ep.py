@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hybrid_ep  # noqa: E402
 
-from cases import Scenario, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
+from cases import Scenario, dispatch_routed, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
 from distributed import ProcessGroupInfo, parallel_launch  # noqa: E402
 
 
@@ -93,14 +93,7 @@ def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Calla
         assert torch.equal(per_expert.cpu(), exp.num_tokens_per_expert), f"{s.name}: num_tokens_per_expert"
         assert torch.equal(in_rank.cpu(), exp.is_token_in_rank), f"{s.name}: is_token_in_rank"
         x = (inp.x_fp8[me], inp.scales[me]) if s.fp8 else inp.x[me]
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=inp.topk_idx[me],
-            topk_weights=inp.topk_weights[me],
-        )
+        recv_x, recv_idx, recv_w, counts, handle, _ = dispatch_routed(buffer, x, inp, me, s.num_experts)
         if s.fp8:
             assert torch.equal(recv_x[0].cpu().view(torch.uint8), exp.recv_x_fp8.view(torch.uint8)), s.name
             assert torch.equal(recv_x[1].cpu(), exp.recv_scales), s.name

@@ -87,8 +87,11 @@ SOURCES = {
         "csrc/runtime/layout.cpp",
         "csrc/kernels/layout.cu",
     ],
-    # "intranode": csrc/kernels/intranode/{dispatch,combine}.cu and the Buffer runtime, when written.
-    "intranode": [],
+    # The NVLink runtime of Buffer and its kernels (dispatch and combine to come).
+    "intranode": [
+        "csrc/runtime/buffer.cpp",
+        "csrc/kernels/intranode/barrier.cu",
+    ],
     # "internode": csrc/kernels/internode/*.cu, built only with HYBRID_EP_MULTINODE=1, when written.
     "internode": [],
 }
@@ -116,8 +119,8 @@ else:
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    features = {"core": True, "intranode": False, "internode": False}
-    sources = list(SOURCES["core"])
+    features = {"core": True, "intranode": True, "internode": False}
+    sources = SOURCES["core"] + SOURCES["intranode"]
     macros = [f'-DHEP_VERSION="{version}"', f'-DHEP_ARCH_LIST="{arch_list}"']
     if multinode:
         macros.append("-DHEP_ENABLE_MULTINODE")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import _ext, checks, reference
+from . import _ext, checks, envs, reference
 from .config import Config, recommended_config
 from .event import EventHandle, EventOverlap
 
@@ -88,9 +88,12 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.backend_name = str(dist.get_backend(group)).lower()
         self._destroyed = False
+        self.runtime: Any = None
         if "nccl" in self.backend_name:
             self.device = torch.device("cuda", torch.cuda.current_device())
             self._comm_stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device=self.device, priority=-1)
+            if num_nvl_bytes > 0 and _ext.has_extension():
+                self._open_nvl_buffer()
         else:
             self.device = torch.device("cpu")
             self._comm_stream = None
@@ -169,8 +172,31 @@ class Buffer:
     def get_local_buffer_tensor(
         self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0, use_rdma_buffer: bool = False
     ) -> torch.Tensor:
-        """A tensor view of the raw NVLink (or network) buffer."""
-        raise _not_implemented("get_local_buffer_tensor (raw NVLink/network buffer access)", "intranode runtime")
+        """A tensor over this rank's raw NVLink buffer (its data region: `num_nvl_bytes` bytes).
+
+        Arguments:
+            dtype: element type of the view.
+            size: shape of the view, or None for every whole element from `offset` to the end.
+            offset: start of the view in bytes; a multiple of dtype's size.
+            use_rdma_buffer: view the network buffer instead (internode; not there yet).
+        Returns:
+            a CUDA tensor sharing the buffer's memory.
+        """
+        self._check_alive()
+        if use_rdma_buffer:
+            raise _not_implemented("get_local_buffer_tensor(use_rdma_buffer=True) (the network buffer)", "internode")
+        if self.runtime is None:
+            raise RuntimeError(
+                "get_local_buffer_tensor needs an NVLink buffer: a Buffer over an NCCL group with num_nvl_bytes > 0 "
+                "and the compiled extension"
+            )
+        checks.check_int("offset", offset, 0)
+        element_size = torch.empty((), dtype=dtype).element_size()
+        num_bytes = (self.num_nvl_bytes - offset) // element_size * element_size if offset <= self.num_nvl_bytes else 0
+        if size is not None:
+            num_bytes = element_size * int(torch.Size(size).numel())
+        view = self.runtime.buffer_tensor(self.rank, dtype, offset, num_bytes)
+        return view.view(size) if size is not None else view
 
     def destroy(self) -> None:
         """Frees the Buffer's resources; needs `explicitly_destroy=True`. The Buffer is unusable afterwards."""
@@ -180,6 +206,14 @@ class Buffer:
             return
         if self._comm_stream is not None:
             self._comm_stream.synchronize()
+        if self.runtime is not None:
+            # Every rank stops using its peers' buffers, unmaps them, and only then frees its own.
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.group)
+            self.runtime.close_peers()
+            dist.barrier(group=self.group)
+            self.runtime.free_buffer()
+            self.runtime = None
         self._comm_stream = None
         self._destroyed = True
 
@@ -414,6 +448,19 @@ class Buffer:
 
     # -----------------------------------------------------------------------------------------------------------
     # Internals
+
+    def _open_nvl_buffer(self) -> None:
+        """Allocates this rank's NVLink buffer, exchanges CUDA IPC handles over the group, maps the peers' buffers
+        and runs one device-side barrier, which proves every mapping works."""
+        ext = _ext.require_extension("the NVLink buffer")
+        self.runtime = ext.NvlRuntime(self.rank, self.group_size, self.num_nvl_bytes, envs.timeout_secs())
+        handles: list[Any] = [None] * self.group_size
+        dist.all_gather_object(handles, self.runtime.ipc_handle(), group=self.group)
+        self.runtime.open_peers(handles)
+        with torch.cuda.stream(self._comm_stream):
+            self.runtime.barrier()
+        assert self._comm_stream is not None
+        self._comm_stream.synchronize()
 
     def _check_alive(self) -> None:
         if self._destroyed:

@@ -40,3 +40,18 @@ def check_inputs() -> bool:
     layout consistency). Shape, dtype and device checks always run; value checks are skipped during CUDA graph
     capture whatever this says."""
     return env_flag("HYBRID_EP_CHECK_INPUTS", True)
+
+
+def timeout_secs() -> float:
+    """HYBRID_EP_TIMEOUT_SECS (default 100): how long a device-side wait on a peer may last before the kernel prints
+    which peer it waited for and traps."""
+    raw = os.environ.get("HYBRID_EP_TIMEOUT_SECS")
+    if raw is None or raw.strip() == "":
+        return 100.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable HYBRID_EP_TIMEOUT_SECS={raw!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"environment variable HYBRID_EP_TIMEOUT_SECS={value}: must be positive")
+    return value

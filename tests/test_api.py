@@ -266,13 +266,15 @@ def run_not_implemented(pg: ProcessGroupInfo) -> None:
         "low_latency_clean_mask_buffer": lambda: buffer.low_latency_clean_mask_buffer(),
         "internode_dispatch": lambda: buffer.internode_dispatch(x),
         "internode_combine": lambda: buffer.internode_combine(x, ()),
-        "get_local_buffer_tensor": lambda: buffer.get_local_buffer_tensor(torch.bfloat16),
+        "get_local_buffer_tensor": lambda: buffer.get_local_buffer_tensor(torch.bfloat16, use_rdma_buffer=True),
     }
     for name, call in calls.items():
         with pytest.raises(NotImplementedError, match=name):
             call()
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         buffer.get_comm_stream()
+    with pytest.raises(RuntimeError, match="get_local_buffer_tensor needs an NVLink buffer"):
+        buffer.get_local_buffer_tensor(torch.bfloat16)
     buffer.destroy()
     with pytest.raises(RuntimeError, match="was destroyed"):
         buffer.get_dispatch_layout(idx, 2)

@@ -34,6 +34,11 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
     asm volatile("st.release.sys.global.s32 [%0], %1;" : : "l"(ptr), "r"(value) : "memory");
 }
 
+// Adds `value` to `*ptr` at system scope with release semantics: earlier writes are visible before the addition.
+__device__ __forceinline__ void red_add_release_sys(int* ptr, int value) {
+    asm volatile("red.release.sys.global.add.s32 [%0], %1;" : : "l"(ptr), "r"(value) : "memory");
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // Returns: true in exactly one active lane of the warp (all 32 lanes must call it).
 __device__ __forceinline__ bool elect_one_sync() {

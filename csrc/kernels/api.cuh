@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "device/layout.cuh"
+
 namespace hybrid_ep::kernels {
 
 // Largest `num_topk` the layout kernel accepts: one token's entries are handled by at most one warp.
@@ -35,5 +37,17 @@ struct DispatchLayoutParams {
 //     num_sms: SM count of the current device (sizes the grid).
 //     stream: the stream all work is enqueued on.
 void get_dispatch_layout(const DispatchLayoutParams& params, int num_sms, cudaStream_t stream);
+
+// Parameters of `intranode_barrier`.
+struct BarrierParams {
+    void* buffer_ptrs[kNumMaxNvlRanks];  // [num_ranks] NVLink buffer base of each rank, mapped into this process
+    int rank;                            // this rank, in [0, num_ranks)
+    int num_ranks;                       // ranks of the NVLink domain, 1..kNumMaxNvlRanks
+    int64_t num_timeout_cycles;          // SM clock cycles a wait on a peer may last before the kernel traps
+};
+
+// Waits, on `stream`, until every rank of the domain has reached the same barrier (device/layout.cuh). Bounded:
+// a rank that never arrives makes the kernel print which peer is missing and trap.
+void intranode_barrier(const BarrierParams& params, cudaStream_t stream);
 
 }  // namespace hybrid_ep::kernels

@@ -28,6 +28,7 @@ namespace {
 pybind11::dict build_info() {
     pybind11::dict features;
     features["layout"] = true;
+    features["nvl_runtime"] = true;
     features["intranode"] = false;
     features["internode"] = false;
     features["low_latency"] = false;

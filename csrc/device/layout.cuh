@@ -1,0 +1,51 @@
+// Layout of the NVLink buffer every rank allocates and shares with the ranks of its NVLink domain. The host sizes
+// the allocation with it and kernels address it with it: this is the only place its offsets are computed.
+//
+//   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | padding to 128 B ][ data: num_nvl_bytes ]
+//
+// Barrier protocol: in barrier number e (1, 2, ...), rank r adds 1 to signals[r] in every rank's buffer (its own
+// included), then waits until its own signals[p] >= e for every p. The epoch, the count of barriers this rank has
+// finished, lives in its own buffer, so the protocol needs no host state and replays inside CUDA graphs.
+// Preconditions: header-only, no torch headers; buffers are zeroed once at allocation and never reset.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+// Layout code is shared with host-only translation units (compiled by the host compiler, without CUDA keywords).
+#ifdef __CUDACC__
+#define HEP_HOST_DEVICE __host__ __device__
+#else
+#define HEP_HOST_DEVICE
+#endif
+
+namespace hybrid_ep {
+
+// Most ranks one NVLink domain may hold (an NVL72 rack).
+constexpr int kNumMaxNvlRanks = 72;
+
+struct NvlBufferLayout {
+    static constexpr size_t kAlignment = 128;
+
+    size_t num_data_bytes;  // bytes the caller asked for (Buffer's num_nvl_bytes)
+
+    HEP_HOST_DEVICE static constexpr size_t signal_offset() { return 0; }
+    HEP_HOST_DEVICE static constexpr size_t epoch_offset() { return kNumMaxNvlRanks * sizeof(int); }
+    HEP_HOST_DEVICE static constexpr size_t data_offset() {
+        return (epoch_offset() + sizeof(int) + kAlignment - 1) / kAlignment * kAlignment;
+    }
+    HEP_HOST_DEVICE size_t num_total_bytes() const { return data_offset() + num_data_bytes; }
+
+    // [kNumMaxNvlRanks] barrier signals of the buffer starting at `base`.
+    HEP_HOST_DEVICE static int* signals(void* base) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + signal_offset());
+    }
+    // The barrier epoch of the buffer starting at `base` (read and written by its owner only).
+    HEP_HOST_DEVICE static int* epoch(void* base) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + epoch_offset());
+    }
+    // Start of the data region of the buffer starting at `base`.
+    HEP_HOST_DEVICE static uint8_t* data(void* base) { return static_cast<uint8_t*>(base) + data_offset(); }
+};
+
+}  // namespace hybrid_ep

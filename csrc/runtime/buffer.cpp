@@ -1,0 +1,158 @@
+// NVLink runtime: allocation, CUDA IPC export/import and teardown of the Buffer's NVLink buffer (see buffer.hpp).
+// Teardown order across ranks (driven from Python): every rank stops using peers, `close_peers`, a process-group
+// barrier, then `free_buffer`, so no buffer is freed while a peer still maps it.
+#include "runtime/buffer.hpp"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+
+#include "kernels/api.cuh"
+#include "runtime/exception.hpp"
+
+namespace hybrid_ep::runtime {
+
+namespace {
+
+// SM clock cycles in `timeout_secs` seconds on `device_idx`.
+int64_t timeout_cycles(int device_idx, double timeout_secs) {
+    int clock_khz = 0;
+    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_idx) != cudaSuccess || clock_khz <= 0) {
+        (void)cudaGetLastError();
+        clock_khz = 2'000'000;  // NOTES: an upper bound for Hopper's SM clock, so the timeout is never shorter
+    }
+    return static_cast<int64_t>(timeout_secs * clock_khz * 1e3);
+}
+
+}  // namespace
+
+NvlRuntime::NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_secs)
+    : rank_(rank), num_ranks_(num_ranks), layout_{static_cast<size_t>(num_nvl_bytes)} {
+    HEP_CHECK(num_ranks >= 1 && num_ranks <= kNumMaxNvlRanks, "num_ranks must be in [1, ", kNumMaxNvlRanks,
+              "] for one NVLink domain, got ", num_ranks);
+    HEP_CHECK(rank >= 0 && rank < num_ranks, "rank must be in [0, ", num_ranks, "), got ", rank);
+    HEP_CHECK(num_nvl_bytes >= 0 && num_nvl_bytes % 128 == 0,
+              "num_nvl_bytes must be a non-negative multiple of 128, got ", num_nvl_bytes);
+    HEP_CHECK(timeout_secs > 0, "timeout_secs must be positive, got ", timeout_secs);
+    CUDA_CHECK(cudaGetDevice(&device_idx_));
+    num_timeout_cycles_ = timeout_cycles(device_idx_, timeout_secs);
+    CUDA_CHECK(cudaMalloc(&local_ptr_, layout_.num_total_bytes()));
+    // NOTES: zeroed once; barrier signals and epochs only grow from here (device/layout.cuh).
+    CUDA_CHECK(cudaMemset(local_ptr_, 0, layout_.num_total_bytes()));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    buffer_ptrs_.assign(num_ranks, nullptr);
+    buffer_ptrs_[rank] = local_ptr_;
+}
+
+NvlRuntime::~NvlRuntime() {
+    // NOTES: without an explicit teardown (Buffer(explicitly_destroy=False)) resources go with the process; a
+    // destructor must not throw, so errors here are dropped.
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    for (int p = 0; p < num_ranks_; ++p)
+        if (p != rank_ && buffer_ptrs_.size() > static_cast<size_t>(p) && buffer_ptrs_[p] != nullptr)
+            (void)cudaIpcCloseMemHandle(buffer_ptrs_[p]);
+    if (local_ptr_ != nullptr)
+        (void)cudaFree(local_ptr_);
+    (void)cudaGetLastError();
+}
+
+void NvlRuntime::check_alive(const char* what) const {
+    HEP_CHECK(local_ptr_ != nullptr, what, ": the NVLink buffer was already freed");
+}
+
+pybind11::bytes NvlRuntime::ipc_handle() const {
+    check_alive("ipc_handle");
+    cudaIpcMemHandle_t handle;
+    CUDA_CHECK(cudaIpcGetMemHandle(&handle, local_ptr_));
+    return pybind11::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+void NvlRuntime::open_peers(const std::vector<std::string>& handles) {
+    check_alive("open_peers");
+    HEP_CHECK(!peers_open_, "open_peers: the peers are already open");
+    HEP_CHECK(static_cast<int>(handles.size()) == num_ranks_, "open_peers: expected ", num_ranks_, " handles, got ",
+              handles.size());
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    for (int p = 0; p < num_ranks_; ++p) {
+        if (p == rank_)
+            continue;
+        HEP_CHECK(handles[p].size() == sizeof(cudaIpcMemHandle_t), "open_peers: handle of rank ", p, " has ",
+                  handles[p].size(), " bytes, expected ", sizeof(cudaIpcMemHandle_t));
+        cudaIpcMemHandle_t handle;
+        std::memcpy(&handle, handles[p].data(), sizeof(handle));
+        const cudaError_t status = cudaIpcOpenMemHandle(&buffer_ptrs_[p], handle, cudaIpcMemLazyEnablePeerAccess);
+        HEP_CHECK(status == cudaSuccess, "open_peers: cannot map the NVLink buffer of rank ", p, " into rank ", rank_,
+                  " (", cudaGetErrorString(status), "); are both GPUs on one host with peer access?");
+    }
+    peers_open_ = true;
+}
+
+void NvlRuntime::barrier() {
+    HEP_CHECK(peers_open_, "barrier: open_peers has not run");
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    kernels::BarrierParams params{};
+    for (int p = 0; p < num_ranks_; ++p)
+        params.buffer_ptrs[p] = buffer_ptrs_[p];
+    params.rank = rank_;
+    params.num_ranks = num_ranks_;
+    params.num_timeout_cycles = num_timeout_cycles_;
+    kernels::intranode_barrier(params, c10::cuda::getCurrentCUDAStream());
+}
+
+at::Tensor NvlRuntime::buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t offset, int64_t num_bytes) const {
+    check_alive("buffer_tensor");
+    HEP_CHECK(rank_idx >= 0 && rank_idx < num_ranks_, "rank_idx must be in [0, ", num_ranks_, "), got ", rank_idx);
+    HEP_CHECK(rank_idx == rank_ || peers_open_, "buffer_tensor: peers are not open");
+    const int64_t element_size = static_cast<int64_t>(c10::elementSize(dtype));
+    HEP_CHECK(offset >= 0 && num_bytes >= 0 && offset + num_bytes <= num_nvl_bytes(), "offset (", offset,
+              ") + num_bytes (", num_bytes, ") must lie within num_nvl_bytes (", num_nvl_bytes(), ")");
+    HEP_CHECK(offset % element_size == 0 && num_bytes % element_size == 0, "offset and num_bytes must be multiples of ",
+              element_size, " bytes for this dtype");
+    void* ptr = NvlBufferLayout::data(buffer_ptrs_[rank_idx]) + offset;
+    const auto options = at::TensorOptions().dtype(dtype).device(at::kCUDA, device_idx_);
+    return at::from_blob(ptr, {num_bytes / element_size}, options);
+}
+
+void NvlRuntime::close_peers() {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (int p = 0; p < num_ranks_; ++p) {
+        if (p != rank_ && buffer_ptrs_[p] != nullptr) {
+            CUDA_CHECK(cudaIpcCloseMemHandle(buffer_ptrs_[p]));
+            buffer_ptrs_[p] = nullptr;
+        }
+    }
+    peers_open_ = false;
+}
+
+void NvlRuntime::free_buffer() {
+    HEP_CHECK(!peers_open_, "free_buffer: close_peers must run first");
+    if (local_ptr_ == nullptr)
+        return;
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    CUDA_CHECK(cudaFree(local_ptr_));
+    local_ptr_ = nullptr;
+    buffer_ptrs_[rank_] = nullptr;
+}
+
+void register_apis(pybind11::module_& m) {
+    pybind11::class_<NvlRuntime>(m, "NvlRuntime")
+        .def(pybind11::init<int, int, int64_t, double>(), pybind11::arg("rank"), pybind11::arg("num_ranks"),
+             pybind11::arg("num_nvl_bytes"), pybind11::arg("timeout_secs"))
+        .def("ipc_handle", &NvlRuntime::ipc_handle)
+        .def("open_peers", &NvlRuntime::open_peers, pybind11::arg("handles"))
+        .def("barrier", &NvlRuntime::barrier)
+        .def("buffer_tensor", &NvlRuntime::buffer_tensor, pybind11::arg("rank_idx"), pybind11::arg("dtype"),
+             pybind11::arg("offset"), pybind11::arg("num_bytes"))
+        .def("close_peers", &NvlRuntime::close_peers)
+        .def("free_buffer", &NvlRuntime::free_buffer)
+        .def_property_readonly("rank", &NvlRuntime::rank)
+        .def_property_readonly("num_ranks", &NvlRuntime::num_ranks)
+        .def_property_readonly("num_nvl_bytes", &NvlRuntime::num_nvl_bytes)
+        .def_property_readonly("num_timeout_cycles", &NvlRuntime::num_timeout_cycles)
+        .def_property_readonly("is_available", &NvlRuntime::is_available);
+}
+
+}  // namespace hybrid_ep::runtime

@@ -1,0 +1,64 @@
+// The NVLink runtime of a Buffer: owns this rank's NVLink buffer, its CUDA IPC handle and the mappings of the
+// peers' buffers. Collectives stay in Python: Python all-gathers `ipc_handle()` over the process group and passes
+// the list to `open_peers`.
+// Preconditions: one runtime per process and device; all ranks of the NVLink domain create theirs with the same
+// num_nvl_bytes.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <string>
+#include <vector>
+
+#include "device/layout.cuh"
+
+namespace hybrid_ep::runtime {
+
+class NvlRuntime {
+public:
+    // Arguments:
+    //     rank, num_ranks: this rank and the ranks of its NVLink domain (1..kNumMaxNvlRanks).
+    //     num_nvl_bytes: bytes of data region (a multiple of 128); the barrier header comes on top.
+    //     timeout_secs: how long a device-side wait on a peer may last before the kernel traps.
+    NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_secs);
+    ~NvlRuntime();
+    NvlRuntime(const NvlRuntime&) = delete;
+    NvlRuntime& operator=(const NvlRuntime&) = delete;
+
+    // Returns: this rank's CUDA IPC handle (bytes) for the peers to open.
+    pybind11::bytes ipc_handle() const;
+    // Maps every peer's buffer. `handles[p]` is rank p's `ipc_handle()`; this rank's own entry is not opened.
+    void open_peers(const std::vector<std::string>& handles);
+    // Enqueues a device-side barrier of the domain on the current CUDA stream (kernels/intranode/barrier.cu).
+    void barrier();
+    // Returns: a tensor over `num_bytes` bytes of rank `rank_idx`'s data region from byte `offset`, as `dtype`
+    // (the local buffer for rank_idx == rank; a peer's mapping otherwise).
+    at::Tensor buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t offset, int64_t num_bytes) const;
+    // Unmaps the peers' buffers (after every rank has stopped using them).
+    void close_peers();
+    // Frees this rank's buffer (after every peer has unmapped it). The runtime is unusable afterwards.
+    void free_buffer();
+
+    int rank() const { return rank_; }
+    int num_ranks() const { return num_ranks_; }
+    int64_t num_nvl_bytes() const { return static_cast<int64_t>(layout_.num_data_bytes); }
+    int64_t num_timeout_cycles() const { return num_timeout_cycles_; }
+    bool is_available() const { return peers_open_; }
+
+private:
+    void check_alive(const char* what) const;
+
+    int rank_;
+    int num_ranks_;
+    int device_idx_;
+    NvlBufferLayout layout_;
+    int64_t num_timeout_cycles_;
+    void* local_ptr_ = nullptr;
+    std::vector<void*> buffer_ptrs_;  // [num_ranks]: local_ptr_ at rank_, peer mappings elsewhere
+    bool peers_open_ = false;
+};
+
+void register_apis(pybind11::module_& m);
+
+}  // namespace hybrid_ep::runtime

@@ -1,0 +1,122 @@
+"""The NVLink runtime of Buffer on GPUs: IPC mapping of every peer's buffer, the device-side barrier, teardown
+without leaks, and a dead peer that ends in an error instead of a hang."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import hybrid_ep
+
+from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
+
+pytestmark = pytest.mark.skipif(
+    not hybrid_ep.build_info()["features"].get("nvl_runtime", False), reason="hybrid_ep._C without the NVLink runtime"
+)
+GPU_COUNTS = [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)]
+
+
+def run_peer_access(pg: ProcessGroupInfo) -> None:
+    R, me = pg.world_size, pg.rank
+    buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
+    assert buffer.runtime.is_available and buffer.runtime.num_nvl_bytes == 1 << 20
+    local = buffer.get_local_buffer_tensor(torch.int32, (4, 64))
+    assert local.shape == (4, 64) and local.device == pg.device
+    assert buffer.get_local_buffer_tensor(torch.uint8).numel() == 1 << 20
+    assert buffer.get_local_buffer_tensor(torch.bfloat16, offset=1024).numel() == ((1 << 20) - 1024) // 2
+    for round_idx in range(3):
+        local.fill_(100 * round_idx + me)
+        buffer.runtime.barrier()  # orders the fill before every peer's reads below
+        for p in range(R):
+            peer = buffer.runtime.buffer_tensor(p, torch.int32, 0, 4 * 64 * 4)
+            assert bool((peer == 100 * round_idx + p).all()), (me, p, round_idx)
+        buffer.runtime.barrier()  # nobody overwrites before everyone has read
+    start = time.perf_counter()
+    for _ in range(1000):
+        buffer.runtime.barrier()
+    torch.cuda.synchronize()
+    if me == 0:
+        print(f"[runtime] {R} ranks: 1000 device barriers in {(time.perf_counter() - start) * 1e3:.1f} ms")
+    with pytest.raises(RuntimeError, match="must lie within num_nvl_bytes"):
+        buffer.runtime.buffer_tensor(0, torch.int32, 0, (1 << 20) + 4)
+    with pytest.raises(RuntimeError, match=r"rank_idx must be in \[0, %d\)" % R):
+        buffer.runtime.buffer_tensor(R, torch.int32, 0, 4)
+    buffer.destroy()
+    with pytest.raises(RuntimeError, match="was destroyed"):
+        buffer.get_local_buffer_tensor(torch.int32)
+
+
+def run_create_destroy_cycles(pg: ProcessGroupInfo, num_cycles: int) -> None:
+    num_bytes = 64 << 20
+
+    def free_bytes() -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info()[0]
+
+    # One warm-up cycle pays the one-time costs (peer-access mappings, NCCL and allocator buffers).
+    hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_bytes, explicitly_destroy=True).destroy()
+    free_before = free_bytes()
+    for _ in range(num_cycles):
+        buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_bytes, explicitly_destroy=True)
+        buffer.destroy()
+    free_after = free_bytes()
+    # A leaked buffer (or a peer mapping that keeps one alive) costs 64 MiB a cycle.
+    assert free_before - free_after < num_bytes, (free_before, free_after)
+
+
+@pytest.mark.parametrize("world_size", GPU_COUNTS)
+def test_peer_buffers_and_barrier(world_size: int) -> None:
+    parallel_launch(world_size, run_peer_access, backend="nccl")
+
+
+@pytest.mark.parametrize("world_size", GPU_COUNTS)
+def test_create_destroy_cycles_leak_nothing(world_size: int) -> None:
+    parallel_launch(world_size, run_create_destroy_cycles, 100, backend="nccl")
+
+
+def run_dead_peer(pg: ProcessGroupInfo, done_path: str) -> None:
+    """Rank 1 never enters the extra barrier; rank 0's barrier must end in an error naming peer 1."""
+    buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=1 << 20)
+    if pg.rank == 0:
+        try:
+            buffer.runtime.barrier()
+            torch.cuda.synchronize()
+            outcome = "no error"
+        except RuntimeError as e:
+            outcome = f"RuntimeError: {e}"
+        with open(done_path, "w") as f:
+            f.write(outcome)
+    else:
+        deadline = time.time() + 120
+        while not os.path.exists(done_path) and time.time() < deadline:
+            time.sleep(0.2)
+    sys.stdout.flush()
+    os._exit(0)  # rank 0's CUDA context is gone after the trap; skip the orderly teardown
+
+
+@requires_gpus(2)
+def test_dead_peer_is_an_error_not_a_hang(tmp_path) -> None:
+    done_path = str(tmp_path / "rank0.txt")
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import test_runtime, distributed\n"
+        "distributed.parallel_launch(2, test_runtime.run_dead_peer, %r, backend='nccl', timeout_s=240)\n"
+    ) % (os.path.dirname(os.path.abspath(__file__)), done_path)
+    env = dict(os.environ, HYBRID_EP_TIMEOUT_SECS="3")
+    # NOTES: run from tmp_path, so `python -c` does not import the source tree (which has no _C) ahead of the
+    # installed package.
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    output = proc.stdout + proc.stderr
+    assert os.path.exists(done_path), output
+    with open(done_path) as f:
+        outcome = f.read()
+    assert outcome.startswith("RuntimeError"), outcome + output
+    assert "intranode barrier timeout: rank 0 waits for peer 1" in output, output

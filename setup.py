@@ -91,6 +91,7 @@ SOURCES = {
     "intranode": [
         "csrc/runtime/buffer.cpp",
         "csrc/kernels/intranode/barrier.cu",
+        "csrc/kernels/intranode/notify.cu",
     ],
     # "internode": csrc/kernels/internode/*.cu, built only with HYBRID_EP_MULTINODE=1, when written.
     "internode": [],

@@ -255,9 +255,9 @@ def combine(
 
     count_matrix = _counts_from_prefix(rank_prefix_matrix)
     num_recv_tokens = int(count_matrix[:, rank].sum())
-    parts = [x[:num_recv_tokens].view(torch.uint8)]
+    parts = [_as_bytes(x[:num_recv_tokens])]
     if topk_weights is not None:
-        parts.append(topk_weights[:num_recv_tokens].view(torch.uint8))
+        parts.append(_as_bytes(topk_weights[:num_recv_tokens]))
     packed = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     # The reverse exchange: rows go back to their sources; each source gets its tokens in ascending order per rank.
     back_rows, token_lists = _exchange_rows_back(packed, is_token_in_rank, count_matrix, rank, group)
@@ -328,11 +328,17 @@ def _pack(
     src_idx: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Returns: `[num_tokens, row_bytes]` torch.uint8, the columns of one token side by side."""
-    parts = [data.view(torch.uint8)]
-    for extra in (scales, topk_idx, topk_weights, src_idx):
-        if extra is not None:
-            parts.append(extra.contiguous().view(torch.uint8))
+    parts = [_as_bytes(t) for t in (data, scales, topk_idx, topk_weights, src_idx) if t is not None]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Returns: `[rows, row_bytes]` torch.uint8 over a fresh row-major copy of the 2-D tensor `t`.
+    NOTES: a copy, because a size-1 dimension may carry any stride (0 seen after a device copy), which `view` to
+    another element size rejects although the tensor counts as contiguous."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out.view(torch.uint8)
 
 
 def _columns(rows: torch.Tensor, offset: int, num_bytes: int, dtype: torch.dtype) -> torch.Tensor:

@@ -174,6 +174,29 @@ def run_events(pg: ProcessGroupInfo) -> None:
     assert torch.equal(combined, expected_combine(s, inp, me, R)[0])
 
 
+def run_size_one_strides(pg: ProcessGroupInfo) -> None:
+    """Top-1 routing whose [N, 1] tensors carry stride 0 in the size-1 dimension (still contiguous, as a device copy
+    can produce): dispatch and combine must treat them like any other."""
+    R, me = pg.world_size, pg.rank
+    buffer = hybrid_ep.Buffer(pg.group)
+    s = Scenario("top1_strides", [10 + r for r in range(R)], hidden=32, num_experts=2 * R, num_topk=1, seed=51)
+    inp = make_inputs(s, R)
+    exp = expected_for_rank(s, inp, me, R)
+    odd = lambda t: torch.as_strided(t.clone(), (t.size(0), 1), (1, 0))  # noqa: E731
+    inp.topk_idx[me], inp.topk_weights[me] = odd(inp.topk_idx[me]), odd(inp.topk_weights[me])
+    assert inp.topk_weights[me].is_contiguous() and inp.topk_weights[me].stride() == (1, 0)
+    recv_x, recv_idx, recv_w, _, handle, _ = dispatch_routed(buffer, inp.x[me], inp, me, s.num_experts)
+    assert torch.equal(recv_x, exp.recv_x) and torch.equal(recv_idx, exp.recv_topk_idx)
+    odd_w = torch.as_strided(recv_w.clone(), (recv_w.size(0), 1), (1, 0))
+    combined, combined_w, _ = buffer.combine((recv_x.float() * (me + 1)).to(torch.bfloat16), handle, topk_weights=odd_w)
+    want_x, want_w = expected_combine(s, inp, me, R)
+    assert torch.equal(combined, want_x) and torch.equal(combined_w, want_w)
+
+
+def test_size_one_strides() -> None:
+    parallel_launch(2, run_size_one_strides)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_scenarios(world_size: int) -> None:
     parallel_launch(world_size, run_scenarios)

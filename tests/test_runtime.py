@@ -13,6 +13,7 @@ import torch
 
 import hybrid_ep
 
+from cases import Scenario, layout_kwargs, make_inputs, to_device
 from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
 
 pytestmark = pytest.mark.skipif(
@@ -68,6 +69,53 @@ def run_create_destroy_cycles(pg: ProcessGroupInfo, num_cycles: int) -> None:
     free_after = free_bytes()
     # A leaked buffer (or a peer mapping that keeps one alive) costs 64 MiB a cycle.
     assert free_before - free_after < num_bytes, (free_before, free_after)
+
+
+def run_notify(pg: ProcessGroupInfo) -> None:
+    """The count exchange against the reference's handle, over back-to-back calls with changing routing."""
+    R, me = pg.world_size, pg.rank
+    buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
+    routings = ["uniform", "holes", "one_rank", "avoid_last_rank", "nowhere"]
+    for i in range(50):
+        s = Scenario(
+            "notify",
+            [0 if i % 7 == 3 else 200 + 37 * r + i for r in range(R)],
+            hidden=16,
+            num_experts=[R, 8 * R, 64 * R][i % 3],
+            num_topk=[1, 8, 3][i % 3],
+            seed=i,
+            routing=routings[i % 5],
+        )
+        inp = to_device(make_inputs(s, R), pg.device)
+        num_channels, alignment = 1 + i % 12, 1 + i % 4
+        layout = layout_kwargs(buffer, inp.topk_idx[me], s.num_experts)
+        rank_prefix, channel_prefix, per_expert = buffer.runtime.notify_dispatch(
+            layout["num_tokens_per_rank"],
+            layout["num_tokens_per_expert"],
+            layout["is_token_in_rank"],
+            num_channels,
+            alignment,
+        )
+        num_recv, per_expert_host = buffer.runtime.wait_recv_counts(s.num_experts // R)
+        _, _, _, ref_counts, ref_handle = hybrid_ep.reference.dispatch(
+            inp.x[me],
+            group=pg.group,
+            **layout,
+            topk_idx=inp.topk_idx[me],
+            topk_weights=inp.topk_weights[me],
+            expert_alignment=alignment,
+            num_channels=num_channels,
+        )
+        assert torch.equal(rank_prefix, ref_handle[0]), (i, rank_prefix, ref_handle[0])
+        assert torch.equal(channel_prefix, ref_handle[1]), (i, channel_prefix, ref_handle[1])
+        assert num_recv == ref_handle[3].numel(), (i, num_recv)
+        assert per_expert_host == ref_counts and per_expert.tolist() == ref_counts, (i, per_expert_host, ref_counts)
+    buffer.destroy()
+
+
+@pytest.mark.parametrize("world_size", GPU_COUNTS)
+def test_notify_matches_reference(world_size: int) -> None:
+    parallel_launch(world_size, run_notify, backend="nccl")
 
 
 @pytest.mark.parametrize("world_size", GPU_COUNTS)

@@ -50,4 +50,30 @@ struct BarrierParams {
 // a rank that never arrives makes the kernel print which peer is missing and trap.
 void intranode_barrier(const BarrierParams& params, cudaStream_t stream);
 
+// Checks the NVLink domain arguments shared by the intranode launchers (throws HEPException).
+void check_domain(const void* const* buffer_ptrs, int rank, int num_ranks, int64_t num_timeout_cycles);
+
+// Parameters of `notify_dispatch`.
+struct NotifyDispatchParams {
+    void* buffer_ptrs[kNumMaxNvlRanks];  // [num_ranks] NVLink buffer base of each rank, mapped into this process
+    int rank;                            // this rank, in [0, num_ranks)
+    int num_ranks;                       // ranks of the NVLink domain
+    int64_t num_timeout_cycles;          // bound of every wait on a peer
+    const int* num_tokens_per_rank;      // [num_ranks] tokens this rank sends to each rank
+    const int* num_tokens_per_expert;    // [num_experts] (token, k) entries of this rank naming each expert
+    const bool* is_token_in_rank;        // [num_tokens, num_ranks]
+    int num_tokens;                      // tokens of this rank
+    int num_experts;                  // global experts, a multiple of num_ranks, at most kNumMaxLocalExperts per rank
+    int num_channels;                 // channels of channel_prefix_matrix, >= 1
+    int expert_alignment;             // receive counts are rounded up to a multiple of this, >= 1
+    int* rank_prefix_matrix;          // out [num_ranks, num_ranks]: [i][j] = tokens ranks 0..i send to rank j
+    int* channel_prefix_matrix;       // out [num_ranks, num_channels]: [j][c] = this rank's tokens to j, channels 0..c
+    int* num_recv_tokens_per_expert;  // out [num_experts / num_ranks], aligned
+    int* host_recv_counts;            // out, mapped host memory [1 + num_local_experts]: rows received, then the
+                                      // aligned per-expert counts; entry 0 is written last (release)
+};
+
+// Exchanges the dispatch counts of the domain (kernels/intranode/notify.cu), on `stream`.
+void notify_dispatch(const NotifyDispatchParams& params, cudaStream_t stream);
+
 }  // namespace hybrid_ep::kernels

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 
 #include "kernels/api.cuh"
@@ -37,7 +39,10 @@ NvlRuntime::NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double ti
               "num_nvl_bytes must be a non-negative multiple of 128, got ", num_nvl_bytes);
     HEP_CHECK(timeout_secs > 0, "timeout_secs must be positive, got ", timeout_secs);
     CUDA_CHECK(cudaGetDevice(&device_idx_));
+    timeout_secs_ = timeout_secs;
     num_timeout_cycles_ = timeout_cycles(device_idx_, timeout_secs);
+    CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_recv_counts_), sizeof(int) * (1 + kNumMaxLocalExperts),
+                             cudaHostAllocMapped));
     CUDA_CHECK(cudaMalloc(&local_ptr_, layout_.num_total_bytes()));
     // NOTES: zeroed once; barrier signals and epochs only grow from here (device/layout.cuh).
     CUDA_CHECK(cudaMemset(local_ptr_, 0, layout_.num_total_bytes()));
@@ -55,7 +60,14 @@ NvlRuntime::~NvlRuntime() {
             (void)cudaIpcCloseMemHandle(buffer_ptrs_[p]);
     if (local_ptr_ != nullptr)
         (void)cudaFree(local_ptr_);
+    if (host_recv_counts_ != nullptr)
+        (void)cudaFreeHost(host_recv_counts_);
     (void)cudaGetLastError();
+}
+
+void NvlRuntime::fill_domain(void** buffer_ptrs) const {
+    for (int p = 0; p < num_ranks_; ++p)
+        buffer_ptrs[p] = buffer_ptrs_[p];
 }
 
 void NvlRuntime::check_alive(const char* what) const {
@@ -93,8 +105,7 @@ void NvlRuntime::barrier() {
     HEP_CHECK(peers_open_, "barrier: open_peers has not run");
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
     kernels::BarrierParams params{};
-    for (int p = 0; p < num_ranks_; ++p)
-        params.buffer_ptrs[p] = buffer_ptrs_[p];
+    fill_domain(params.buffer_ptrs);
     params.rank = rank_;
     params.num_ranks = num_ranks_;
     params.num_timeout_cycles = num_timeout_cycles_;
@@ -115,6 +126,84 @@ at::Tensor NvlRuntime::buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t
     return at::from_blob(ptr, {num_bytes / element_size}, options);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> NvlRuntime::notify_dispatch(const at::Tensor& num_tokens_per_rank,
+                                                                           const at::Tensor& num_tokens_per_expert,
+                                                                           const at::Tensor& is_token_in_rank,
+                                                                           int64_t num_channels,
+                                                                           int64_t expert_alignment) {
+    HEP_CHECK(peers_open_, "notify_dispatch: open_peers has not run");
+    const auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+        HEP_CHECK(t.is_cuda() && t.device().index() == device_idx_, name, " must be on cuda:", device_idx_, ", got ",
+                  t.device().str());
+        HEP_CHECK(t.scalar_type() == dtype, name, " must be ", c10::toString(dtype), ", got ",
+                  c10::toString(t.scalar_type()));
+        HEP_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim, "-D tensor");
+    };
+    check(num_tokens_per_rank, "num_tokens_per_rank", at::kInt, 1);
+    check(num_tokens_per_expert, "num_tokens_per_expert", at::kInt, 1);
+    check(is_token_in_rank, "is_token_in_rank", at::kBool, 2);
+    HEP_CHECK(num_tokens_per_rank.size(0) == num_ranks_, "num_tokens_per_rank must have ", num_ranks_, " entries, got ",
+              num_tokens_per_rank.size(0));
+    HEP_CHECK(is_token_in_rank.size(1) == num_ranks_, "is_token_in_rank must have ", num_ranks_, " columns, got ",
+              is_token_in_rank.size(1));
+    const int64_t num_experts = num_tokens_per_expert.size(0);
+    HEP_CHECK(num_experts > 0 && num_experts % num_ranks_ == 0,
+              "num_tokens_per_expert.size(0) must be a positive multiple of ", num_ranks_, ", got ", num_experts);
+    HEP_CHECK(num_channels >= 1 && num_channels <= 1024, "num_channels must be in [1, 1024], got ", num_channels);
+    HEP_CHECK(expert_alignment >= 1, "expert_alignment must be positive, got ", expert_alignment);
+
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    const auto options = at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device_idx_);
+    auto rank_prefix_matrix = at::empty({num_ranks_, num_ranks_}, options);
+    auto channel_prefix_matrix = at::empty({num_ranks_, num_channels}, options);
+    auto num_recv_tokens_per_expert = at::empty({num_experts / num_ranks_}, options);
+
+    kernels::NotifyDispatchParams params{};
+    fill_domain(params.buffer_ptrs);
+    params.rank = rank_;
+    params.num_ranks = num_ranks_;
+    params.num_timeout_cycles = num_timeout_cycles_;
+    params.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
+    params.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
+    params.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    params.num_tokens = static_cast<int>(is_token_in_rank.size(0));
+    params.num_experts = static_cast<int>(num_experts);
+    params.num_channels = static_cast<int>(num_channels);
+    params.expert_alignment = static_cast<int>(expert_alignment);
+    params.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
+    params.channel_prefix_matrix = channel_prefix_matrix.data_ptr<int>();
+    params.num_recv_tokens_per_expert = num_recv_tokens_per_expert.data_ptr<int>();
+    int* device_recv_counts = nullptr;
+    CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_recv_counts), host_recv_counts_, 0));
+    params.host_recv_counts = device_recv_counts;
+    // NOTES: the sentinel is written before the launch, so the poll cannot see a previous call's count.
+    reinterpret_cast<volatile int*>(host_recv_counts_)[0] = -1;
+    kernels::notify_dispatch(params, c10::cuda::getCurrentCUDAStream());
+    return {rank_prefix_matrix, channel_prefix_matrix, num_recv_tokens_per_expert};
+}
+
+std::tuple<int64_t, std::vector<int64_t>> NvlRuntime::wait_recv_counts(int64_t num_local_experts) const {
+    HEP_CHECK(num_local_experts >= 0 && num_local_experts <= kNumMaxLocalExperts, "num_local_experts must be in [0, ",
+              kNumMaxLocalExperts, "], got ", num_local_experts);
+    const volatile int* counts = host_recv_counts_;
+    int num_recv_tokens = -1;
+    {
+        const pybind11::gil_scoped_release no_gil;
+        const auto start = std::chrono::steady_clock::now();
+        while ((num_recv_tokens = counts[0]) < 0) {
+            const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            HEP_CHECK(waited < timeout_secs_, "rank ", rank_, " waited ", timeout_secs_,
+                      " s for the token counts of dispatch (notify); a peer may not have called dispatch, or the "
+                      "kernel failed (see the device's printed message)");
+        }
+    }
+    std::atomic_thread_fence(std::memory_order_acquire);
+    std::vector<int64_t> per_expert(num_local_experts);
+    for (int64_t e = 0; e < num_local_experts; ++e)
+        per_expert[e] = counts[1 + e];
+    return {num_recv_tokens, per_expert};
+}
+
 void NvlRuntime::close_peers() {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
     CUDA_CHECK(cudaDeviceSynchronize());
@@ -133,7 +222,9 @@ void NvlRuntime::free_buffer() {
         return;
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
     CUDA_CHECK(cudaFree(local_ptr_));
+    CUDA_CHECK(cudaFreeHost(host_recv_counts_));
     local_ptr_ = nullptr;
+    host_recv_counts_ = nullptr;
     buffer_ptrs_[rank_] = nullptr;
 }
 
@@ -146,6 +237,10 @@ void register_apis(pybind11::module_& m) {
         .def("barrier", &NvlRuntime::barrier)
         .def("buffer_tensor", &NvlRuntime::buffer_tensor, pybind11::arg("rank_idx"), pybind11::arg("dtype"),
              pybind11::arg("offset"), pybind11::arg("num_bytes"))
+        .def("notify_dispatch", &NvlRuntime::notify_dispatch, pybind11::arg("num_tokens_per_rank"),
+             pybind11::arg("num_tokens_per_expert"), pybind11::arg("is_token_in_rank"), pybind11::arg("num_channels"),
+             pybind11::arg("expert_alignment"))
+        .def("wait_recv_counts", &NvlRuntime::wait_recv_counts, pybind11::arg("num_local_experts"))
         .def("close_peers", &NvlRuntime::close_peers)
         .def("free_buffer", &NvlRuntime::free_buffer)
         .def_property_readonly("rank", &NvlRuntime::rank)

@@ -9,6 +9,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "device/layout.cuh"
@@ -35,6 +36,18 @@ public:
     // Returns: a tensor over `num_bytes` bytes of rank `rank_idx`'s data region from byte `offset`, as `dtype`
     // (the local buffer for rank_idx == rank; a peer's mapping otherwise).
     at::Tensor buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t offset, int64_t num_bytes) const;
+    // Enqueues the count exchange of a dispatch on the current stream (kernels/intranode/notify.cu).
+    // Arguments: the layout tensors of get_dispatch_layout (int32 [num_ranks], int32 [num_experts], bool
+    //     [num_tokens, num_ranks], on this device), the handle's channel count and the expert alignment.
+    // Returns: (rank_prefix_matrix [num_ranks, num_ranks], channel_prefix_matrix [num_ranks, num_channels],
+    //     num_recv_tokens_per_expert [num_local_experts]), int32 tensors written by the kernel.
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> notify_dispatch(const at::Tensor& num_tokens_per_rank,
+                                                                   const at::Tensor& num_tokens_per_expert,
+                                                                   const at::Tensor& is_token_in_rank,
+                                                                   int64_t num_channels, int64_t expert_alignment);
+    // Waits (bounded by the timeout, GIL released) for the host copy of the last notify's counts.
+    // Returns: (rows this rank receives, aligned receive count of each of its `num_local_experts` experts).
+    std::tuple<int64_t, std::vector<int64_t>> wait_recv_counts(int64_t num_local_experts) const;
     // Unmaps the peers' buffers (after every rank has stopped using them).
     void close_peers();
     // Frees this rank's buffer (after every peer has unmapped it). The runtime is unusable afterwards.
@@ -48,12 +61,15 @@ public:
 
 private:
     void check_alive(const char* what) const;
+    void fill_domain(void** buffer_ptrs) const;
 
     int rank_;
     int num_ranks_;
     int device_idx_;
     NvlBufferLayout layout_;
     int64_t num_timeout_cycles_;
+    double timeout_secs_;
+    int* host_recv_counts_ = nullptr;  // mapped host memory [1 + kNumMaxLocalExperts] (kernels/api.cuh)
     void* local_ptr_ = nullptr;
     std::vector<void*> buffer_ptrs_;  // [num_ranks]: local_ptr_ at rank_, peer mappings elsewhere
     bool peers_open_ = false;

@@ -1,13 +1,7 @@
-// `intranode_barrier`: a device-side barrier among the ranks of one NVLink domain, through the signal words of
-// their shared NVLink buffers (protocol in device/layout.cuh). One block; thread p signals and then waits for
-// peer p. Every wait is bounded: after `num_timeout_cycles` the waiting thread prints rank, peer, expected and
-// observed values, then traps, so a dead peer ends in an error instead of a hang.
+// `intranode_barrier`: a device-side barrier among the ranks of one NVLink domain (device/nvl_barrier.cuh), for the
+// Buffer's set-up and tests. A rank that never arrives makes the kernel print which peer is missing and trap.
 // Preconditions: all ranks launch it the same number of times; buffers were zeroed at allocation.
-#include <cstdio>
-
-#include "device/comm.cuh"
-#include "device/layout.cuh"
-#include "device/ptx.cuh"
+#include "device/nvl_barrier.cuh"
 #include "kernels/api.cuh"
 #include "runtime/exception.hpp"
 
@@ -16,39 +10,22 @@ namespace {
 
 __global__ void __launch_bounds__(kNumMaxNvlRanks)
     intranode_barrier_kernel(const __grid_constant__ BarrierParams params) {
-    const int peer_idx = threadIdx.x;
-    __shared__ int epoch;
-    if (peer_idx == 0)
-        epoch = *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]) + 1;
-    __syncthreads();
-
-    if (peer_idx < params.num_ranks) {
-        // NOTES: the release orders this rank's earlier writes (the data peers will read) before the signal.
-        ptx::red_add_release_sys(NvlBufferLayout::signals(params.buffer_ptrs[peer_idx]) + params.rank, 1);
-        const int* signal = NvlBufferLayout::signals(params.buffer_ptrs[params.rank]) + peer_idx;
-        timeout_while(params.num_timeout_cycles, [&](bool is_last_check) {
-            const int observed = ptx::ld_acquire_sys(signal);
-            if (observed < epoch && is_last_check)
-                printf(
-                    "hybrid_ep intranode barrier timeout: rank %d waits for peer %d: expected signal >= %d, "
-                    "observed %d\n",
-                    params.rank, peer_idx, epoch, observed);
-            return observed < epoch;
-        });
-    }
-    __syncthreads();
-    if (peer_idx == 0)
-        *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]) = epoch;
+    nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "intranode barrier");
 }
 
 }  // namespace
 
+void check_domain(const void* const* buffer_ptrs, int rank, int num_ranks, int64_t num_timeout_cycles) {
+    HEP_CHECK(num_ranks >= 1 && num_ranks <= kNumMaxNvlRanks, "num_ranks must be in [1, ", kNumMaxNvlRanks, "], got ",
+              num_ranks);
+    HEP_CHECK(rank >= 0 && rank < num_ranks, "rank must be in [0, ", num_ranks, "), got ", rank);
+    HEP_CHECK(num_timeout_cycles > 0, "num_timeout_cycles must be positive");
+    for (int p = 0; p < num_ranks; ++p)
+        HEP_CHECK(buffer_ptrs[p] != nullptr, "the NVLink buffer of rank ", p, " is not mapped");
+}
+
 void intranode_barrier(const BarrierParams& params, cudaStream_t stream) {
-    HEP_CHECK(params.num_ranks >= 1 && params.num_ranks <= kNumMaxNvlRanks,
-              "intranode_barrier: num_ranks must be in [1, ", kNumMaxNvlRanks, "], got ", params.num_ranks);
-    HEP_CHECK(params.rank >= 0 && params.rank < params.num_ranks, "intranode_barrier: rank must be in [0, ",
-              params.num_ranks, "), got ", params.rank);
-    HEP_CHECK(params.num_timeout_cycles > 0, "intranode_barrier: num_timeout_cycles must be positive");
+    check_domain(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles);
     intranode_barrier_kernel<<<1, kNumMaxNvlRanks, 0, stream>>>(params);
     CUDA_CHECK(cudaGetLastError());
 }

@@ -1,0 +1,43 @@
+// `nvl_barrier`: the block-level device barrier among the ranks of one NVLink domain (protocol in
+// device/layout.cuh), used by the barrier kernel and inside kernels that must meet their peers (notify).
+// Thread p < num_ranks signals rank p and waits for rank p; every wait is bounded by `timeout_while`.
+// Preconditions: called by every thread of exactly one block per rank; blockDim.x >= num_ranks; each rank calls it
+// the same number of times. Writes a thread made before the call are visible to every peer after it.
+#pragma once
+
+#include <cstdio>
+
+#include "device/comm.cuh"
+#include "device/layout.cuh"
+#include "device/ptx.cuh"
+
+namespace hybrid_ep {
+
+__device__ __forceinline__ void nvl_barrier(void* const* buffer_ptrs, int rank, int num_ranks,
+                                            int64_t num_timeout_cycles, const char* name) {
+    __shared__ int epoch;
+    // NOTES: every thread's earlier writes must reach system scope before any thread's release signal.
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        epoch = *NvlBufferLayout::epoch(buffer_ptrs[rank]) + 1;
+    __syncthreads();
+    const int peer_idx = threadIdx.x;
+    if (peer_idx < num_ranks) {
+        ptx::red_add_release_sys(NvlBufferLayout::signals(buffer_ptrs[peer_idx]) + rank, 1);
+        const int* signal = NvlBufferLayout::signals(buffer_ptrs[rank]) + peer_idx;
+        timeout_while(num_timeout_cycles, [&](bool is_last_check) {
+            const int observed = ptx::ld_acquire_sys(signal);
+            if (observed < epoch && is_last_check)
+                printf("hybrid_ep %s timeout: rank %d waits for peer %d: expected signal >= %d, observed %d\n", name,
+                       rank, peer_idx, epoch, observed);
+            return observed < epoch;
+        });
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        *NvlBufferLayout::epoch(buffer_ptrs[rank]) = epoch;
+    __syncthreads();
+}
+
+}  // namespace hybrid_ep

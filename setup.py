@@ -93,6 +93,11 @@ SOURCES = {
         "csrc/kernels/intranode/barrier.cu",
         "csrc/kernels/intranode/notify.cu",
     ],
+    # NVML topology probe (libnvidia-ml through dlopen: no NVML header or library needed to build).
+    "topology": [
+        "csrc/runtime/topology/nvml_wrap.cpp",
+        "csrc/runtime/topology/topology.cpp",
+    ],
     # "internode": csrc/kernels/internode/*.cu, built only with HYBRID_EP_MULTINODE=1, when written.
     "internode": [],
 }
@@ -120,8 +125,8 @@ else:
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    features = {"core": True, "intranode": True, "internode": False}
-    sources = SOURCES["core"] + SOURCES["intranode"]
+    features = {"core": True, "intranode": True, "topology": True, "internode": False}
+    sources = SOURCES["core"] + SOURCES["intranode"] + SOURCES["topology"]
     macros = [f'-DHEP_VERSION="{version}"', f'-DHEP_ARCH_LIST="{arch_list}"']
     if multinode:
         macros.append("-DHEP_ENABLE_MULTINODE")

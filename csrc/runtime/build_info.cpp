@@ -33,7 +33,7 @@ pybind11::dict build_info() {
     features["internode"] = false;
     features["low_latency"] = false;
     features["nvshmem"] = false;
-    features["nvml_topology"] = false;
+    features["nvml_topology"] = true;
 #ifdef HEP_ENABLE_MULTINODE
     features["multinode_build"] = true;
 #else

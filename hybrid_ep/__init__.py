@@ -6,7 +6,7 @@
 # DeepEP exposes the dtype of top-k indices as `deep_ep.topk_idx_t`.
 import torch as _torch
 
-from . import reference
+from . import reference, topology
 from ._ext import build_info, has_extension
 from .buffer import Buffer
 from .config import Config
@@ -25,4 +25,5 @@ __all__ = [
     "has_extension",
     "reference",
     "topk_idx_t",
+    "topology",
 ]

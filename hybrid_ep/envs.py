@@ -55,3 +55,16 @@ def timeout_secs() -> float:
     if value <= 0:
         raise ValueError(f"environment variable HYBRID_EP_TIMEOUT_SECS={value}: must be positive")
     return value
+
+
+def topo_dump_file() -> str | None:
+    """HYBRID_EP_TOPO_DUMP_FILE (default unset): `hybrid_ep.topology()` writes what it probed to this path as JSON."""
+    raw = os.environ.get("HYBRID_EP_TOPO_DUMP_FILE")
+    return raw if raw is not None and raw.strip() != "" else None
+
+
+def topo_file() -> str | None:
+    """HYBRID_EP_TOPO_FILE (default unset): `hybrid_ep.topology()` loads this JSON (written through
+    HYBRID_EP_TOPO_DUMP_FILE, or by hand) instead of probing NVML."""
+    raw = os.environ.get("HYBRID_EP_TOPO_FILE")
+    return raw if raw is not None and raw.strip() != "" else None

@@ -28,6 +28,7 @@ def no_topo_env(monkeypatch):
     "name, domains",
     [
         ("topo_h200x4.json", [[0, 1, 2, 3]]),
+        ("topo_h200x4_probed.json", [[0, 1, 2, 3]]),  # probed by _C on 4 H200 GPUs (fabric info present)
         ("topo_h200x2.json", [[0, 1]]),
         ("topo_pcie_only.json", [[0], [1], [2], [3]]),
         ("topo_partial.json", [[0, 1], [2, 3]]),

@@ -51,3 +51,17 @@ def test_script_rejects_bad_arguments() -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "--num-experts 8 must be divisible by --num-processes 3" in proc.stderr
+
+
+def test_script_runs_without_pytest(tmp_path) -> None:
+    """The README's main job installs requirements.txt only: the script must not need pytest."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['pytest'] = None  # any import of pytest now fails\n"
+        f"sys.argv = [{SCRIPT!r}, '--num-processes', '2', '--backend', 'gloo', '--num-tokens', '16', "
+        "'--hidden', '128', '--num-tests', '2', '--num-warmups', '1', '--skip-check']\n"
+        f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[bench] combine BF16:" in proc.stdout

@@ -36,9 +36,6 @@ def env_flag(name: str, default: bool = False) -> bool:
 
 def read_version() -> str:
     # NOTES: parsed as text so that building never imports the package (its __init__ imports torch and `_C`).
-    if not os.path.exists(VERSION_FILE):
-        with open(VERSION_FILE, "w") as f:
-            f.write('__version__ = "0.1.0"\n')
     with open(VERSION_FILE) as f:
         match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.MULTILINE)
     if match is None:

@@ -251,7 +251,9 @@ class Buffer:
                     topk_idx, num_experts, self.group_size, self.group_size
                 )
             else:
-                per_rank, _, per_expert, in_rank = reference.get_dispatch_layout(topk_idx, num_experts, self.group_size)
+                per_rank, _, per_expert, in_rank = reference.layout_unchecked(
+                    topk_idx, num_experts, self.group_size, self.group_size
+                )
             return per_rank, None, per_expert, in_rank
 
         outputs, event = self._on_comm_stream(run, (topk_idx,), previous_event, async_finish, allocate_on_comm_stream)

@@ -48,7 +48,13 @@ def get_dispatch_layout(
     checks.check_int("num_ranks", num_ranks, 1)
     checks.check_num_experts(num_experts, num_ranks)
     checks.check_topk_idx(topk_idx, num_experts=num_experts)
-    num_ranks_per_domain = _check_domain(num_ranks, num_ranks_per_domain)
+    return layout_unchecked(topk_idx, num_experts, num_ranks, _check_domain(num_ranks, num_ranks_per_domain))
+
+
+def layout_unchecked(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_domain: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """`get_dispatch_layout` for arguments the caller has already checked (Buffer checks once for both backends)."""
     num_tokens = topk_idx.size(0)
     experts_per_rank = num_experts // num_ranks
 

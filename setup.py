@@ -89,6 +89,8 @@ SOURCES = {
         "csrc/runtime/buffer.cpp",
         "csrc/kernels/intranode/barrier.cu",
         "csrc/kernels/intranode/notify.cu",
+        "csrc/kernels/intranode/dispatch.cu",
+        "csrc/kernels/intranode/combine.cu",
     ],
     # NVML topology probe (libnvidia-ml through dlopen: no NVML header or library needed to build).
     "topology": [

@@ -310,6 +310,23 @@ class Buffer:
         data, _ = checks.split_dispatch_x(x)
         self._check_device("x", data)
 
+        if self.runtime is not None:
+            run = self._kernel_dispatch_fn(
+                x,
+                handle,
+                num_tokens_per_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+            )
+            inputs = (x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
+            outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
+            return (*outputs, event)
+
         def run() -> tuple:
             return reference.dispatch(
                 x,
@@ -354,9 +371,14 @@ class Buffer:
             event: an `EventOverlap`.
         """
         self._check_alive()
-        self._check_config(config, "combine")
+        config = self._check_config(config, "combine")
         checks.check_combine_x(x)
         self._check_device("x", x)
+        if self.runtime is not None:
+            run = self._kernel_combine_fn(x, handle, topk_weights, bias, config)
+            inputs = (x, handle, topk_weights, bias)
+            outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
+            return (*outputs, event)
 
         def run() -> tuple:
             return reference.combine(x, handle, group=self.group, topk_weights=topk_weights, bias=bias)
@@ -463,6 +485,174 @@ class Buffer:
             self.runtime.barrier()
         assert self._comm_stream is not None
         self._comm_stream.synchronize()
+
+    def _check_nvl_bytes(self, config: Config, hidden_bytes: int, num_channels: int) -> None:
+        """Raises ValueError, before any collective, when the rings of `config` do not fit the NVLink buffer."""
+        hint = Config(2 * num_channels, 1, config.num_max_nvl_chunked_recv_tokens).get_nvl_buffer_size_hint(
+            hidden_bytes, self.group_size
+        )
+        if hint > self.num_nvl_bytes:
+            raise ValueError(
+                f"num_nvl_bytes={self.num_nvl_bytes} of this Buffer is too small for {config} with rows of "
+                f"{hidden_bytes} bytes: it needs {hint} (Config.get_nvl_buffer_size_hint); create the Buffer with "
+                "a larger num_nvl_bytes or pass a config with fewer SMs or a smaller num_max_nvl_chunked_recv_tokens"
+            )
+
+    def _kernel_dispatch_fn(
+        self,
+        x: Any,
+        handle: Optional[tuple],
+        num_tokens_per_rank: Optional[torch.Tensor],
+        is_token_in_rank: Optional[torch.Tensor],
+        num_tokens_per_expert: Optional[torch.Tensor],
+        topk_idx: Optional[torch.Tensor],
+        topk_weights: Optional[torch.Tensor],
+        expert_alignment: int,
+        num_worst_tokens: int,
+        config: Config,
+    ) -> Callable[[], tuple]:
+        """Checks a dispatch on the NVLink kernels (every check before the first collective) and returns the
+        function that runs it."""
+        runtime, num_ranks = self.runtime, self.group_size
+        data, scales = checks.split_dispatch_x(x)
+        num_tokens, hidden, device = data.size(0), data.size(1), data.device
+        checks.check_int("expert_alignment", expert_alignment, 1)
+        checks.check_int("num_worst_tokens", num_worst_tokens, 0)
+        hidden_bytes = hidden * max(data.element_size(), 2)
+        cap, chunk = config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens
+
+        def new_outputs(num_rows: int, num_topk: int) -> tuple:
+            recv_x = torch.empty((num_rows, hidden), dtype=data.dtype, device=device)
+            recv_scales = None
+            if scales is not None:
+                recv_scales = torch.empty((num_rows, scales.size(1)), dtype=torch.float32, device=device)
+            recv_idx = recv_w = None
+            if num_topk > 0:
+                recv_idx = torch.empty((num_rows, num_topk), dtype=torch.int64, device=device)
+                recv_w = torch.empty((num_rows, num_topk), dtype=torch.float32, device=device)
+            return recv_x, recv_scales, recv_idx, recv_w
+
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("dispatch with a handle (cached mode) takes no topk_idx/topk_weights")
+            rank_prefix_matrix, _, recv_channel_prefix_matrix, cached_src_idx, _, send_head = reference._check_handle(
+                handle, num_tokens, num_ranks
+            )
+            checks.check_tensor(
+                "handle[2] (recv_channel_prefix_matrix)", recv_channel_prefix_matrix, dtype=torch.int32, dim=2
+            )
+            checks.check_tensor(
+                "handle[5] (send_head)", send_head, dtype=torch.int32, shape=(num_tokens, num_ranks), device=device
+            )
+            num_channels = recv_channel_prefix_matrix.size(1)
+            self._check_nvl_bytes(config, hidden_bytes, num_channels)
+            num_out_rows = max(cached_src_idx.size(0), num_worst_tokens)
+
+            def run_cached() -> tuple:
+                recv_x, recv_scales, _, _ = new_outputs(num_out_rows, 0)
+                runtime.prepare_rings()
+                runtime.dispatch(
+                    data, scales, None, None, send_head, rank_prefix_matrix, recv_x, recv_scales, None, None, None,
+                    1, num_channels, cap, chunk,
+                )  # fmt: skip
+                return (recv_x if scales is None else (recv_x, recv_scales)), None, None, None, None
+
+            return run_cached
+
+        num_experts = checks.check_layout(
+            num_tokens=num_tokens,
+            num_ranks=num_ranks,
+            device=device,
+            num_tokens_per_rank=num_tokens_per_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert,
+        )
+        if (topk_idx is None) != (topk_weights is None):
+            raise ValueError("topk_idx and topk_weights must be given together (or both None)")
+        if topk_idx is not None:
+            checks.check_topk_idx(topk_idx, num_experts=num_experts, num_tokens=num_tokens, device=device)
+            checks.check_topk_weights(topk_weights, topk_idx)
+        num_channels = config.num_channels
+        self._check_nvl_bytes(config, hidden_bytes, num_channels)
+        num_local_experts = num_experts // num_ranks
+        num_topk = topk_idx.size(1) if topk_idx is not None else 0
+
+        def run() -> tuple:
+            rpm, cpm, rcpm, send_head, _ = runtime.notify_dispatch(
+                num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, num_channels, expert_alignment,
+                num_worst_tokens,
+            )  # fmt: skip
+            num_recv, per_expert, (overflow_rank, overflow_rows, overflow_worst) = runtime.wait_recv_counts(
+                num_local_experts
+            )
+            if overflow_rank >= 0:
+                # Every rank read the same counts, so every rank raises here and none enters the kernel.
+                raise ValueError(
+                    f"num_worst_tokens={overflow_worst} on rank {overflow_rank} is smaller than the {overflow_rows} "
+                    "tokens that rank receives"
+                )
+            num_out_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
+            recv_x, recv_scales, recv_idx, recv_w = new_outputs(num_out_rows, num_topk)
+            recv_src_idx = torch.empty((num_out_rows,), dtype=torch.int32, device=device)
+            runtime.dispatch(
+                data, scales, topk_idx, topk_weights, send_head, rpm, recv_x, recv_scales, recv_src_idx, recv_idx,
+                recv_w, num_local_experts, num_channels, cap, chunk,
+            )  # fmt: skip
+            out_handle = (rpm, cpm, rcpm, recv_src_idx, is_token_in_rank, send_head)
+            per_expert_list = [] if num_worst_tokens > 0 else list(per_expert)
+            return (recv_x if scales is None else (recv_x, recv_scales)), recv_idx, recv_w, per_expert_list, out_handle
+
+        return run
+
+    def _kernel_combine_fn(
+        self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor], bias: Any, config: Config
+    ) -> Callable[[], tuple]:
+        """Checks a combine on the NVLink kernels (before any collective) and returns the function that runs it."""
+        runtime, num_ranks = self.runtime, self.group_size
+        rank_prefix_matrix, _, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head = (
+            reference._check_handle(handle, None, num_ranks)
+        )
+        num_rows, hidden, device = x.size(0), x.size(1), x.device
+        if num_rows != recv_src_idx.size(0):
+            raise ValueError(
+                f"x must have as many rows as the dispatch returned ({recv_src_idx.size(0)}), got {num_rows}"
+            )
+        if is_token_in_rank.device != device:
+            raise ValueError(f"x must be on {is_token_in_rank.device} like the handle, got {device}")
+        num_tokens = is_token_in_rank.size(0)
+        checks.check_tensor(
+            "handle[2] (recv_channel_prefix_matrix)", recv_channel_prefix_matrix, dtype=torch.int32, dim=2
+        )
+        checks.check_tensor(
+            "handle[5] (send_head)", send_head, dtype=torch.int32, shape=(num_tokens, num_ranks), device=device
+        )
+        if topk_weights is not None:
+            checks.check_tensor(
+                "topk_weights", topk_weights, dtype=torch.float32, shape=(num_rows, None), device=device,
+                contiguous=True,
+            )  # fmt: skip
+            if not 1 <= topk_weights.size(1) <= reference.NUM_MAX_TOPK:
+                raise ValueError(
+                    f"topk_weights must have 1 to {reference.NUM_MAX_TOPK} columns (top-k), got {topk_weights.size(1)}"
+                )
+        biases = reference._split_bias(bias, num_tokens, hidden, x.dtype, device)
+        bias_0 = biases[0] if len(biases) > 0 else None
+        bias_1 = biases[1] if len(biases) > 1 else None
+        self._check_nvl_bytes(config, hidden * 2, config.num_channels)
+
+        def run() -> tuple:
+            combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=device)
+            combined_w = None
+            if topk_weights is not None:
+                combined_w = torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=device)
+            runtime.combine(
+                x, topk_weights, rank_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank,
+                send_head, bias_0, bias_1, combined_x, combined_w, config.num_sms,
+                config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens,
+            )  # fmt: skip
+            return combined_x, combined_w
+
+        return run
 
     def _check_alive(self) -> None:
         if self._destroyed:

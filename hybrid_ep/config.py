@@ -95,13 +95,13 @@ class Config:
         """
         _check_positive_int("hidden_bytes", hidden_bytes)
         _check_positive_int("num_ranks", num_ranks)
-        num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
-        num_rdma_ranks = max(num_ranks // NUM_MAX_NVL_PEERS, 1)
-        num_rings = self.num_channels * num_nvl_ranks
-        # One ring slot: the row, one fp32 scale per 128 BF16 channels, top-k indices and weights, source index.
-        slot_bytes = _align(hidden_bytes + hidden_bytes // 64 + NUM_MAX_TOPK * (8 + 4) + 4, 16)
-        counter_bytes = num_rings * (2 * num_rdma_ranks + 3) * 4 + num_ranks * num_ranks * 4
-        return _align(counter_bytes + num_rings * self.num_max_nvl_chunked_recv_tokens * slot_bytes, 128)
+        # The kernels' layout (csrc/device/layout.cuh, ring_bytes_hint): one ring per (block, rank), each of
+        # num_max_nvl_chunked_recv_tokens slots; a slot is the row plus the larger of the dispatch metadata (source
+        # token, top-k indices and weights for top-k up to 32, one fp32 scale per 128 channels) and the combine one.
+        dispatch_meta = _align(8 + 12 * NUM_MAX_TOPK + 4 * (hidden_bytes // 256), 16)
+        combine_meta = _align(4 + 4 * NUM_MAX_TOPK, 16)
+        slot_bytes = _align(hidden_bytes, 16) + max(dispatch_meta, combine_meta)
+        return _align(self.num_sms * num_ranks * self.num_max_nvl_chunked_recv_tokens * slot_bytes, 128)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of network (NVSHMEM) buffer that normal-mode calls need: 0 within one NVLink domain.
@@ -136,10 +136,10 @@ class Config:
 
 # Recommended (nvl_send, nvl_recv, rdma_send, rdma_recv) per op and rank count; num_sms comes from Buffer.num_sms.
 # Rank counts not listed fall back to DEFAULT_CHUNKS. Tuned tables replace these once the kernels are tuned.
-DEFAULT_CHUNKS = (6, 256, 6, 128)
+DEFAULT_CHUNKS = (8, 128, 6, 128)
 RECOMMENDED_CONFIGS = {
-    "dispatch": {2: (8, 256, 6, 128), 4: (8, 256, 6, 128), 8: (8, 256, 6, 128)},
-    "combine": {2: (8, 256, 6, 128), 4: (8, 256, 6, 128), 8: (8, 256, 6, 128)},
+    "dispatch": {2: (8, 128, 6, 128), 4: (8, 128, 6, 128), 8: (8, 128, 6, 128)},
+    "combine": {2: (8, 128, 6, 128), 4: (8, 128, 6, 128), 8: (8, 128, 6, 128)},
 }
 
 

@@ -2,10 +2,19 @@
 // the allocation with it and kernels address it with it: this is the only place its offsets are computed.
 //
 //   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | pad to 128 B ]
-//   [ notify slots: int[kNumMaxNvlRanks][kNumNotifySlotInts] | pad to 128 B ][ data: num_nvl_bytes ]
+//   [ notify slots: int[kNumMaxNvlRanks][kNumNotifySlotInts] | pad to 128 B ]
+//   [ ring tails, heads, starts: each int[kNumMaxBlocks][kNumMaxNvlRanks] | pad to 128 B ]
+//   [ data: num_nvl_bytes ]
 //
-// Notify slot s of rank r's buffer is written by source rank s: its token count to every rank (kNumMaxNvlRanks ints)
-// then its count of (token, k) entries naming each of r's experts (kNumMaxLocalExperts ints).
+// Notify slot s of rank r's buffer is written by source rank s: its token count to every rank (kNumMaxNvlRanks ints),
+// its count of (token, k) entries naming each of r's experts (kNumMaxLocalExperts ints), its inclusive count of
+// tokens to r per channel (kNumMaxChannels ints), then its token count and the barrier epoch it was written in
+// (the combine prelude, kernels/intranode/notify.cu), then its num_worst_tokens (dispatch).
+//
+// Rings (RingLayout below) live in the data region; their counters in the tails/heads arrays. Ring (block b, source
+// s) of rank r: source s's block b writes rows into it and advances tails[b][s] of r's buffer; r's block b copies
+// rows out and advances heads[b][r] of s's buffer. Both counters are zero between calls: the reader of each resets
+// it once the call's traffic is over.
 //
 // Barrier protocol: in barrier number e (1, 2, ...), rank r adds 1 to signals[r] in every rank's buffer (its own
 // included), then waits until its own signals[p] >= e for every p. The epoch, the count of barriers this rank has
@@ -29,8 +38,16 @@ namespace hybrid_ep {
 constexpr int kNumMaxNvlRanks = 72;
 // Most experts one rank may hold.
 constexpr int kNumMaxLocalExperts = 1024;
-// Ints of one notify slot: counts to every rank, then counts to every local expert of the slot's owner.
-constexpr int kNumNotifySlotInts = kNumMaxNvlRanks + kNumMaxLocalExperts;
+// Most channels of a dispatch (Config.num_sms / 2), and most blocks of an intranode kernel.
+constexpr int kNumMaxChannels = 64;
+constexpr int kNumMaxBlocks = 2 * kNumMaxChannels;
+// Offsets (ints) inside one notify slot, and its size.
+constexpr int kSlotExpertOffset = kNumMaxNvlRanks;
+constexpr int kSlotChannelOffset = kSlotExpertOffset + kNumMaxLocalExperts;
+constexpr int kSlotNumTokensOffset = kSlotChannelOffset + kNumMaxChannels;
+constexpr int kSlotEpochOffset = kSlotNumTokensOffset + 1;
+constexpr int kSlotWorstOffset = kSlotEpochOffset + 1;
+constexpr int kNumNotifySlotInts = kSlotWorstOffset + 2;
 
 struct NvlBufferLayout {
     static constexpr size_t kAlignment = 128;
@@ -43,8 +60,17 @@ struct NvlBufferLayout {
         return (bytes + kAlignment - 1) / kAlignment * kAlignment;
     }
     HEP_HOST_DEVICE static constexpr size_t notify_offset() { return align(epoch_offset() + sizeof(int)); }
-    HEP_HOST_DEVICE static constexpr size_t data_offset() {
+    HEP_HOST_DEVICE static constexpr size_t tails_offset() {
         return align(notify_offset() + sizeof(int) * kNumMaxNvlRanks * kNumNotifySlotInts);
+    }
+    HEP_HOST_DEVICE static constexpr size_t heads_offset() {
+        return tails_offset() + sizeof(int) * kNumMaxBlocks * kNumMaxNvlRanks;
+    }
+    HEP_HOST_DEVICE static constexpr size_t starts_offset() {
+        return heads_offset() + sizeof(int) * kNumMaxBlocks * kNumMaxNvlRanks;
+    }
+    HEP_HOST_DEVICE static constexpr size_t data_offset() {
+        return align(starts_offset() + sizeof(int) * kNumMaxBlocks * kNumMaxNvlRanks);
     }
     HEP_HOST_DEVICE size_t num_total_bytes() const { return data_offset() + num_data_bytes; }
 
@@ -60,8 +86,90 @@ struct NvlBufferLayout {
     HEP_HOST_DEVICE static int* notify_slot(void* base, int src_rank) {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + notify_offset()) + src_rank * kNumNotifySlotInts;
     }
+    // Tail of ring (block_idx, src_rank) in the buffer starting at `base`: rows the source has written into it.
+    HEP_HOST_DEVICE static int* tail(void* base, int block_idx, int src_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + tails_offset()) + block_idx * kNumMaxNvlRanks +
+               src_rank;
+    }
+    // Head of the ring (block_idx) that this buffer's owner writes at rank `dst_rank`: rows `dst_rank` has read.
+    HEP_HOST_DEVICE static int* head(void* base, int block_idx, int dst_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + heads_offset()) + block_idx * kNumMaxNvlRanks +
+               dst_rank;
+    }
+    // First receive row of ring (block_idx, src_rank)'s rows in a dispatch, written by the source before its first
+    // tail update of the call.
+    HEP_HOST_DEVICE static int* start(void* base, int block_idx, int src_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + starts_offset()) + block_idx * kNumMaxNvlRanks +
+               src_rank;
+    }
     // Start of the data region of the buffer starting at `base`.
     HEP_HOST_DEVICE static uint8_t* data(void* base) { return static_cast<uint8_t*>(base) + data_offset(); }
 };
+
+// Most top-k entries a row carries through the rings (kernels/api.cuh kMaxNumTopk).
+constexpr int kNumMaxRingTopk = 32;
+
+HEP_HOST_DEVICE constexpr int align16(int bytes) {
+    return (bytes + 15) / 16 * 16;
+}
+
+// The per-row metadata of a dispatch ring slot, the same for every destination (the receiver localises):
+//   [ source token: int | pad: int | top-k indices: int64[num_topk] | weights: float[num_topk] |
+//     scales: float[num_scales] | pad to 16 B ]
+struct DispatchMetaLayout {
+    int num_topk;    // 0 without top-k
+    int num_scales;  // 0 for BF16
+    HEP_HOST_DEVICE int topk_idx_offset() const { return 8; }
+    HEP_HOST_DEVICE int weights_offset() const { return 8 + 8 * num_topk; }
+    HEP_HOST_DEVICE int scales_offset() const { return 8 + 12 * num_topk; }
+    HEP_HOST_DEVICE int num_bytes() const { return align16(8 + 12 * num_topk + 4 * num_scales); }
+};
+
+// The per-row metadata of a combine ring slot: [ source token: int | weights: float[num_topk] | pad to 16 B ].
+struct CombineMetaLayout {
+    int num_topk;  // 0 without weights
+    HEP_HOST_DEVICE int weights_offset() const { return 4; }
+    HEP_HOST_DEVICE int num_bytes() const { return align16(4 + 4 * num_topk); }
+};
+
+// The rings of one dispatch or combine call in the data region: one ring per (block, source rank), each holding
+// `num_slots` rows as [ x: num_slots x num_x_bytes ][ meta: num_slots x num_meta_bytes ].
+struct RingLayout {
+    int num_ranks;       // ranks of the domain
+    int num_blocks;      // blocks of the kernel
+    int num_slots;       // ring capacity in rows (Config.num_max_nvl_chunked_recv_tokens)
+    int num_x_bytes;     // bytes of one row's data, a multiple of 16
+    int num_meta_bytes;  // bytes of one row's metadata, a multiple of 16
+
+    HEP_HOST_DEVICE size_t num_ring_bytes() const {
+        return static_cast<size_t>(num_slots) * static_cast<size_t>(num_x_bytes + num_meta_bytes);
+    }
+    // Bytes of the data region all rings take.
+    HEP_HOST_DEVICE size_t num_bytes() const {
+        return static_cast<size_t>(num_blocks) * static_cast<size_t>(num_ranks) * num_ring_bytes();
+    }
+    HEP_HOST_DEVICE uint8_t* ring(void* base, int block_idx, int src_rank) const {
+        return NvlBufferLayout::data(base) + (static_cast<size_t>(block_idx) * num_ranks + src_rank) * num_ring_bytes();
+    }
+    // Row data of slot `slot_idx` of ring (block_idx, src_rank) in the buffer starting at `base`.
+    HEP_HOST_DEVICE uint8_t* x(void* base, int block_idx, int src_rank, int slot_idx) const {
+        return ring(base, block_idx, src_rank) + static_cast<size_t>(slot_idx) * num_x_bytes;
+    }
+    // Metadata of slot `slot_idx` of ring (block_idx, src_rank).
+    HEP_HOST_DEVICE uint8_t* meta(void* base, int block_idx, int src_rank, int slot_idx) const {
+        return ring(base, block_idx, src_rank) + static_cast<size_t>(num_slots) * num_x_bytes +
+               static_cast<size_t>(slot_idx) * num_meta_bytes;
+    }
+};
+
+// Returns: bytes of data region that calls with `num_blocks` blocks, `num_ranks` ranks and `num_slots`-row rings
+// need for rows of `hidden_bytes` bytes at BF16 width, whatever the dtype (BF16 or FP8 with 128-channel scales) and
+// top-k (up to kNumMaxRingTopk): the bound `Config.get_nvl_buffer_size_hint` returns.
+HEP_HOST_DEVICE inline size_t ring_bytes_hint(int hidden_bytes, int num_ranks, int num_blocks, int num_slots) {
+    const int dispatch_meta = DispatchMetaLayout{kNumMaxRingTopk, hidden_bytes / 256}.num_bytes();
+    const int combine_meta = CombineMetaLayout{kNumMaxRingTopk}.num_bytes();
+    const int meta = dispatch_meta > combine_meta ? dispatch_meta : combine_meta;
+    return RingLayout{num_ranks, num_blocks, num_slots, align16(hidden_bytes), meta}.num_bytes();
+}
 
 }  // namespace hybrid_ep

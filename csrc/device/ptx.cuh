@@ -54,6 +54,144 @@ __device__ __forceinline__ bool elect_one_sync() {
 }
 #endif
 
+// NOTES: the functions below use sm_90 instructions (mbarrier tx-counts, bulk copies); the package builds for
+// sm_90a only (setup.py), so they need no architecture guard.
+
+// ---- Shared-memory barriers (mbarrier) and 1-D bulk copies (TMA), sm_90 ----
+// Shared-memory addresses are 32-bit `.shared::cta` addresses from `smem_addr`.
+
+// Returns: the shared-state-space address of a pointer into this block's shared memory.
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Initialises the mbarrier at `bar` for `num_arrivals` arrivals per phase.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int num_arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" : : "r"(bar), "r"(num_arrivals) : "memory");
+}
+
+// Makes mbarrier initialisations visible to the async proxy (bulk copies) before their first use.
+__device__ __forceinline__ void fence_mbarrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" : : : "memory");
+}
+
+// Arrives once at `bar` and adds `num_bytes` to the bytes the current phase still expects.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, int num_bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" : : "r"(bar), "r"(num_bytes) : "memory");
+}
+
+// Returns: true once the phase of `bar` with parity `phase` has completed (one bounded hardware try).
+__device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t phase) {
+    uint32_t done;
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(phase)
+        : "memory");
+    return done != 0;
+}
+
+// Bulk copy of `num_bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory to shared memory;
+// completion is counted in bytes on the mbarrier `bar`.
+__device__ __forceinline__ void tma_load_1d(uint32_t dst, const void* src, int num_bytes, uint32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :
+                 : "r"(dst), "l"(src), "r"(num_bytes), "r"(bar)
+                 : "memory");
+}
+
+// Bulk copy of `num_bytes` (a multiple of 16, 16-byte aligned) from shared memory to global memory, local or a
+// peer's over NVLink; tracked by the issuing thread's bulk async-groups.
+__device__ __forceinline__ void tma_store_1d(void* dst, uint32_t src, int num_bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                 :
+                 : "l"(dst), "r"(src), "r"(num_bytes)
+                 : "memory");
+}
+
+// Closes the issuing thread's current bulk async-group.
+__device__ __forceinline__ void bulk_commit_group() {
+    asm volatile("cp.async.bulk.commit_group;" : : : "memory");
+}
+
+// Waits until at most `kNumPending` of the issuing thread's bulk async-groups are incomplete: their writes are
+// done and visible (stronger than the `.read` form, which only frees the shared-memory source).
+template <int kNumPending>
+__device__ __forceinline__ void bulk_wait_group() {
+    asm volatile("cp.async.bulk.wait_group %0;" : : "n"(kNumPending) : "memory");
+}
+
+// Waits until at most `kNumPending` bulk async-groups still read their shared-memory source.
+template <int kNumPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;" : : "n"(kNumPending) : "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory writes before later bulk copies that read them.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;" : : : "memory");
+}
+
+// Orders global-memory accesses between the generic proxy and the async proxy (bulk copies) of this thread.
+__device__ __forceinline__ void fence_proxy_async_global() {
+    asm volatile("fence.proxy.async.global;" : : : "memory");
+}
+
+// ---- Vector accesses ----
+
+// 16-byte load of data that no one writes during the kernel (the caller's inputs): non-coherent path, no L1 fill.
+__device__ __forceinline__ int4 ld_nc_v4(const int4* ptr) {
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+    return v;
+}
+
+// 16-byte load that bypasses L1 (data a peer wrote, read after an acquire on its flag).
+__device__ __forceinline__ int4 ld_cg_v4(const int4* ptr) {
+    int4 v;
+    asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr)
+                 : "memory");
+    return v;
+}
+
+// 4-byte load that bypasses L1.
+__device__ __forceinline__ int ld_cg(const int* ptr) {
+    int v;
+    asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+    return v;
+}
+
+// 16-byte store that does not allocate in L1 (outputs and peers' rings).
+__device__ __forceinline__ void st_na_v4(int4* ptr, const int4& v) {
+    asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};"
+                 :
+                 : "l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+// Full fence at system scope: this thread's earlier accesses are ordered before its later ones for every observer.
+__device__ __forceinline__ void fence_acq_rel_sys() {
+    asm volatile("fence.acq_rel.sys;" : : : "memory");
+}
+
+// Stores `value` to `*ptr` at system scope with no ordering (after an explicit fence).
+__device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
+    asm volatile("st.relaxed.sys.global.s32 [%0], %1;" : : "l"(ptr), "r"(value) : "memory");
+}
+
+// Waits at named barrier `barrier_idx` (1..15; 0 is __syncthreads) for `num_threads` threads (a multiple of 32).
+__device__ __forceinline__ void named_barrier_sync(int barrier_idx, int num_threads) {
+    asm volatile("bar.sync %0, %1;" : : "r"(barrier_idx), "r"(num_threads) : "memory");
+}
+
 // Stops the kernel with an error that the host sees as cudaErrorIllegalInstruction (the context is lost).
 __device__ __forceinline__ void trap() {
     asm volatile("trap;");

@@ -50,8 +50,16 @@ struct BarrierParams {
 // a rank that never arrives makes the kernel print which peer is missing and trap.
 void intranode_barrier(const BarrierParams& params, cudaStream_t stream);
 
+// Barrier, zeroing of this rank's ring counters, barrier (kernels/intranode/notify.cu): the entry of a dispatch
+// that runs without notify_dispatch (cached mode).
+void prepare_rings(const BarrierParams& params, cudaStream_t stream);
+
 // Checks the NVLink domain arguments shared by the intranode launchers (throws HEPException).
 void check_domain(const void* const* buffer_ptrs, int rank, int num_ranks, int64_t num_timeout_cycles);
+
+// Layout of the mapped host counters notify_dispatch fills.
+constexpr int kHostOverflowOffset = 1 + kNumMaxLocalExperts;
+constexpr int kNumHostCountInts = kHostOverflowOffset + 3;
 
 // Parameters of `notify_dispatch`.
 struct NotifyDispatchParams {
@@ -66,14 +74,103 @@ struct NotifyDispatchParams {
     int num_experts;                  // global experts, a multiple of num_ranks, at most kNumMaxLocalExperts per rank
     int num_channels;                 // channels of channel_prefix_matrix, >= 1
     int expert_alignment;             // receive counts are rounded up to a multiple of this, >= 1
+    int num_worst_tokens;             // this rank's fixed output rows, 0 for none
     int* rank_prefix_matrix;          // out [num_ranks, num_ranks]: [i][j] = tokens ranks 0..i send to rank j
     int* channel_prefix_matrix;       // out [num_ranks, num_channels]: [j][c] = this rank's tokens to j, channels 0..c
+    int* recv_channel_prefix_matrix;  // out [num_ranks, num_channels]: first receive row of source i's channel c
+    int* send_head;                   // out [num_tokens, num_ranks]: row of token t at rank j, or -1
     int* num_recv_tokens_per_expert;  // out [num_experts / num_ranks], aligned
-    int* host_recv_counts;            // out, mapped host memory [1 + num_local_experts]: rows received, then the
-                                      // aligned per-expert counts; entry 0 is written last (release)
+    int* host_recv_counts;            // out, mapped host memory [kNumHostCountInts]: rows received, then the
+                                      // aligned per-expert counts, then (at kHostOverflowOffset) the first rank
+                                      // whose rows exceed its num_worst_tokens (-1: none), its rows and its
+                                      // num_worst_tokens; entry 0 is written last (release)
 };
 
 // Exchanges the dispatch counts of the domain (kernels/intranode/notify.cu), on `stream`.
 void notify_dispatch(const NotifyDispatchParams& params, cudaStream_t stream);
+
+// Parameters of `notify_combine`.
+struct NotifyCombineParams {
+    void* buffer_ptrs[kNumMaxNvlRanks];  // [num_ranks] NVLink buffer base of each rank
+    int rank;                            // this rank
+    int num_ranks;                       // ranks of the NVLink domain
+    int64_t num_timeout_cycles;          // bound of every wait on a peer
+    int num_tokens;                      // tokens of this rank (rows of the combine output)
+};
+
+// The prelude of a combine (kernels/intranode/notify.cu): a barrier, then this rank's token count to every rank.
+void notify_combine(const NotifyCombineParams& params, cudaStream_t stream);
+
+// Most ranks the dispatch and combine kernels serve (one lane or unrolled register slot per rank).
+constexpr int kNumMaxKernelRanks = 8;
+
+// Parameters of `intranode_dispatch` (kernels/intranode/dispatch.cu).
+struct DispatchParams {
+    void* buffer_ptrs[kNumMaxNvlRanks];  // [num_ranks] NVLink buffer base of each rank
+    int rank;                            // this rank
+    int num_ranks;                       // ranks of the NVLink domain, 1..kNumMaxKernelRanks
+    int64_t num_timeout_cycles;          // bound of every wait on a peer
+    const void* x;                       // [num_tokens, num_x_bytes] rows to send
+    const float* x_scales;               // [num_tokens, num_scales] at the strides below, or nullptr (BF16)
+    int64_t scale_token_stride;          // elements between the scales of consecutive tokens
+    int64_t scale_hidden_stride;         // elements between consecutive scales of one token
+    const int64_t* topk_idx;             // [num_tokens, num_topk] or nullptr (cached mode, no top-k)
+    const float* topk_weights;           // [num_tokens, num_topk] or nullptr
+    const int* send_head;                // [num_tokens, num_ranks]: receive row of token t at rank j, or -1
+    const int* rank_prefix_matrix;       // [num_ranks, num_ranks]: the receive count is entry [num_ranks - 1][rank]
+    void* recv_x;                        // out [num_out_rows, num_x_bytes]
+    float* recv_scales;                  // out [num_out_rows, num_scales], or nullptr
+    int* recv_src_idx;                   // out [num_out_rows], or nullptr (cached mode)
+    int64_t* recv_topk_idx;              // out [num_out_rows, num_topk], or nullptr
+    float* recv_topk_weights;            // out [num_out_rows, num_topk], or nullptr
+    int num_tokens;                      // rows of x
+    int num_x_bytes;                     // bytes of one row of x, a multiple of 16
+    int num_scales;                      // scales per row, 0 for BF16
+    int num_topk;                        // columns of topk_idx, 0 without top-k
+    int num_local_experts;               // experts per rank (localises top-k indices)
+    int num_out_rows;                    // rows of the outputs: received rows first, then zero padding
+    int num_channels;                    // channels of the handle; the kernel runs 2 blocks per channel
+    int num_ring_slots;                  // rows per ring (Config.num_max_nvl_chunked_recv_tokens)
+    int num_chunk_tokens;                // a sender publishes its progress every this many tokens
+};
+
+// Moves every row of x to the ranks `send_head` names (kernels/intranode/dispatch.cu), on `stream`. Needs the
+// rings of every rank idle: run after notify_dispatch or an intranode barrier.
+// Arguments: num_nvl_bytes: the data region's size (checked against the rings); smem_limit: the opt-in shared memory
+//     per block of the device.
+void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int smem_limit, cudaStream_t stream);
+
+// Parameters of `intranode_combine` (kernels/intranode/combine.cu).
+struct CombineParams {
+    void* buffer_ptrs[kNumMaxNvlRanks];     // [num_ranks] NVLink buffer base of each rank
+    int rank;                               // this rank
+    int num_ranks;                          // ranks of the NVLink domain, 1..kNumMaxKernelRanks
+    int64_t num_timeout_cycles;             // bound of every wait on a peer
+    const void* x;                          // [num_rows, hidden] bf16: the rows this rank received in the dispatch
+    const float* topk_weights;              // [num_rows, num_topk] or nullptr
+    const int* rank_prefix_matrix;          // [num_ranks, num_ranks] of the dispatch
+    const int* recv_channel_prefix_matrix;  // [num_ranks, num_channels] of the dispatch
+    const int* recv_src_idx;                // [num_rows] source token of each received row
+    const bool* is_token_in_rank;           // [num_tokens, num_ranks]
+    const int* send_head;                   // [num_tokens, num_ranks]: row of token t at rank j, or -1
+    const void* bias_0;                     // [num_tokens, hidden] bf16, or nullptr
+    const void* bias_1;                     // [num_tokens, hidden] bf16, or nullptr
+    void* combined_x;                       // out [num_tokens, hidden] bf16
+    float* combined_topk_weights;           // out [num_tokens, num_topk], or nullptr
+    int num_tokens;                         // tokens of this rank
+    int hidden;                             // a multiple of 8
+    int num_topk;                           // columns of topk_weights, 0 without
+    int num_channels;                       // channels of the handle
+    int num_blocks;                         // blocks of the kernel (Config.num_sms)
+    int num_ring_slots;                     // rows per ring
+    int num_chunk_tokens;                   // a sender publishes its progress every this many rows
+};
+
+// Checks the arguments of `intranode_combine` (throws HEPException) without enqueuing anything.
+void check_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit);
+
+// Brings every received row back to its source and sums the copies of each token in rank order
+// (kernels/intranode/combine.cu), on `stream`. Needs notify_combine just before it on the same stream.
+void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit, cudaStream_t stream);
 
 }  // namespace hybrid_ep::kernels

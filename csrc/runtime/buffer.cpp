@@ -40,8 +40,9 @@ NvlRuntime::NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double ti
     HEP_CHECK(timeout_secs > 0, "timeout_secs must be positive, got ", timeout_secs);
     CUDA_CHECK(cudaGetDevice(&device_idx_));
     timeout_secs_ = timeout_secs;
+    CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit_, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_idx_));
     num_timeout_cycles_ = timeout_cycles(device_idx_, timeout_secs);
-    CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_recv_counts_), sizeof(int) * (1 + kNumMaxLocalExperts),
+    CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_recv_counts_), sizeof(int) * kernels::kNumHostCountInts,
                              cudaHostAllocMapped));
     CUDA_CHECK(cudaMalloc(&local_ptr_, layout_.num_total_bytes()));
     // NOTES: zeroed once; barrier signals and epochs only grow from here (device/layout.cuh).
@@ -112,6 +113,17 @@ void NvlRuntime::barrier() {
     kernels::intranode_barrier(params, c10::cuda::getCurrentCUDAStream());
 }
 
+void NvlRuntime::prepare_rings() {
+    HEP_CHECK(peers_open_, "prepare_rings: open_peers has not run");
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    kernels::BarrierParams params{};
+    fill_domain(params.buffer_ptrs);
+    params.rank = rank_;
+    params.num_ranks = num_ranks_;
+    params.num_timeout_cycles = num_timeout_cycles_;
+    kernels::prepare_rings(params, c10::cuda::getCurrentCUDAStream());
+}
+
 at::Tensor NvlRuntime::buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t offset, int64_t num_bytes) const {
     check_alive("buffer_tensor");
     HEP_CHECK(rank_idx >= 0 && rank_idx < num_ranks_, "rank_idx must be in [0, ", num_ranks_, "), got ", rank_idx);
@@ -126,11 +138,9 @@ at::Tensor NvlRuntime::buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t
     return at::from_blob(ptr, {num_bytes / element_size}, options);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> NvlRuntime::notify_dispatch(const at::Tensor& num_tokens_per_rank,
-                                                                           const at::Tensor& num_tokens_per_expert,
-                                                                           const at::Tensor& is_token_in_rank,
-                                                                           int64_t num_channels,
-                                                                           int64_t expert_alignment) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NvlRuntime::notify_dispatch(
+    const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert, const at::Tensor& is_token_in_rank,
+    int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens) {
     HEP_CHECK(peers_open_, "notify_dispatch: open_peers has not run");
     const auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
         HEP_CHECK(t.is_cuda() && t.device().index() == device_idx_, name, " must be on cuda:", device_idx_, ", got ",
@@ -149,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> NvlRuntime::notify_dispatch(const
     const int64_t num_experts = num_tokens_per_expert.size(0);
     HEP_CHECK(num_experts > 0 && num_experts % num_ranks_ == 0,
               "num_tokens_per_expert.size(0) must be a positive multiple of ", num_ranks_, ", got ", num_experts);
-    HEP_CHECK(num_channels >= 1 && num_channels <= 1024, "num_channels must be in [1, 1024], got ", num_channels);
+    HEP_CHECK(num_channels >= 1 && num_channels <= kNumMaxChannels, "num_channels must be in [1, ", kNumMaxChannels,
+              "], got ", num_channels);
     HEP_CHECK(expert_alignment >= 1, "expert_alignment must be positive, got ", expert_alignment);
 
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
@@ -157,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> NvlRuntime::notify_dispatch(const
     auto rank_prefix_matrix = at::empty({num_ranks_, num_ranks_}, options);
     auto channel_prefix_matrix = at::empty({num_ranks_, num_channels}, options);
     auto num_recv_tokens_per_expert = at::empty({num_experts / num_ranks_}, options);
+    auto recv_channel_prefix_matrix = at::empty({num_ranks_, num_channels}, options);
+    auto send_head = at::empty({is_token_in_rank.size(0), num_ranks_}, options);
 
     kernels::NotifyDispatchParams params{};
     fill_domain(params.buffer_ptrs);
@@ -170,19 +183,194 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> NvlRuntime::notify_dispatch(const
     params.num_experts = static_cast<int>(num_experts);
     params.num_channels = static_cast<int>(num_channels);
     params.expert_alignment = static_cast<int>(expert_alignment);
+    params.num_worst_tokens = static_cast<int>(num_worst_tokens);
     params.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
     params.channel_prefix_matrix = channel_prefix_matrix.data_ptr<int>();
     params.num_recv_tokens_per_expert = num_recv_tokens_per_expert.data_ptr<int>();
+    params.recv_channel_prefix_matrix = recv_channel_prefix_matrix.data_ptr<int>();
+    params.send_head = send_head.data_ptr<int>();
     int* device_recv_counts = nullptr;
     CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_recv_counts), host_recv_counts_, 0));
     params.host_recv_counts = device_recv_counts;
     // NOTES: the sentinel is written before the launch, so the poll cannot see a previous call's count.
     reinterpret_cast<volatile int*>(host_recv_counts_)[0] = -1;
     kernels::notify_dispatch(params, c10::cuda::getCurrentCUDAStream());
-    return {rank_prefix_matrix, channel_prefix_matrix, num_recv_tokens_per_expert};
+    return {rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, send_head,
+            num_recv_tokens_per_expert};
 }
 
-std::tuple<int64_t, std::vector<int64_t>> NvlRuntime::wait_recv_counts(int64_t num_local_experts) const {
+namespace {
+
+// Checks that `t` is a contiguous CUDA tensor of `dtype` on `device_idx` with `dim` dimensions (throws).
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, int device_idx,
+                  bool contiguous = true) {
+    HEP_CHECK(t.is_cuda() && t.device().index() == device_idx, name, " must be on cuda:", device_idx, ", got ",
+              t.device().str());
+    HEP_CHECK(t.scalar_type() == dtype, name, " must be ", c10::toString(dtype), ", got ",
+              c10::toString(t.scalar_type()));
+    HEP_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+    HEP_CHECK(!contiguous || t.is_contiguous(), name, " must be contiguous");
+}
+
+template <typename T>
+T* optional_ptr(const std::optional<at::Tensor>& t) {
+    return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+}  // namespace
+
+void NvlRuntime::dispatch(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                          const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+                          const at::Tensor& send_head, const at::Tensor& rank_prefix_matrix, const at::Tensor& recv_x,
+                          const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_src_idx,
+                          const std::optional<at::Tensor>& recv_topk_idx,
+                          const std::optional<at::Tensor>& recv_topk_weights, int64_t num_local_experts,
+                          int64_t num_channels, int64_t num_ring_slots, int64_t num_chunk_tokens) {
+    HEP_CHECK(peers_open_, "dispatch: open_peers has not run");
+    HEP_CHECK(x.is_cuda() && x.device().index() == device_idx_ && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D tensor on cuda:", device_idx_);
+    HEP_CHECK(recv_x.scalar_type() == x.scalar_type() && recv_x.dim() == 2 && recv_x.size(1) == x.size(1) &&
+                  recv_x.is_contiguous(),
+              "recv_x must be a contiguous tensor like x");
+    const int64_t num_tokens = x.size(0);
+    check_tensor(send_head, "send_head", at::kInt, 2, device_idx_);
+    check_tensor(rank_prefix_matrix, "rank_prefix_matrix", at::kInt, 2, device_idx_);
+    HEP_CHECK(send_head.size(0) == num_tokens && send_head.size(1) == num_ranks_, "send_head must be [", num_tokens,
+              ", ", num_ranks_, "]");
+    HEP_CHECK(x_scales.has_value() == recv_scales.has_value(), "x_scales and recv_scales go together");
+    HEP_CHECK(topk_idx.has_value() == topk_weights.has_value() && topk_idx.has_value() == recv_topk_idx.has_value() &&
+                  topk_idx.has_value() == recv_topk_weights.has_value(),
+              "topk_idx, topk_weights, recv_topk_idx and recv_topk_weights go together");
+    const int64_t num_x_bytes = x.size(1) * x.element_size();
+    const int64_t num_out_rows = recv_x.size(0);
+
+    kernels::DispatchParams params{};
+    fill_domain(params.buffer_ptrs);
+    params.rank = rank_;
+    params.num_ranks = num_ranks_;
+    params.num_timeout_cycles = num_timeout_cycles_;
+    params.x = x.data_ptr();
+    if (x_scales.has_value()) {
+        check_tensor(*x_scales, "x_scales", at::kFloat, 2, device_idx_, false);
+        HEP_CHECK(x_scales->size(0) == num_tokens, "x_scales must have ", num_tokens, " rows");
+        check_tensor(*recv_scales, "recv_scales", at::kFloat, 2, device_idx_);
+        HEP_CHECK(recv_scales->size(0) == num_out_rows && recv_scales->size(1) == x_scales->size(1),
+                  "recv_scales must be [", num_out_rows, ", ", x_scales->size(1), "]");
+        params.x_scales = x_scales->data_ptr<float>();
+        params.scale_token_stride = x_scales->stride(0);
+        params.scale_hidden_stride = x_scales->stride(1);
+        params.num_scales = static_cast<int>(x_scales->size(1));
+    }
+    if (topk_idx.has_value()) {
+        check_tensor(*topk_idx, "topk_idx", at::kLong, 2, device_idx_);
+        check_tensor(*topk_weights, "topk_weights", at::kFloat, 2, device_idx_);
+        check_tensor(*recv_topk_idx, "recv_topk_idx", at::kLong, 2, device_idx_);
+        check_tensor(*recv_topk_weights, "recv_topk_weights", at::kFloat, 2, device_idx_);
+        params.num_topk = static_cast<int>(topk_idx->size(1));
+        HEP_CHECK(topk_idx->size(0) == num_tokens && topk_weights->sizes() == topk_idx->sizes(),
+                  "topk_idx and topk_weights must be [", num_tokens, ", num_topk]");
+        HEP_CHECK(recv_topk_idx->size(0) == num_out_rows && recv_topk_idx->size(1) == params.num_topk &&
+                      recv_topk_weights->sizes() == recv_topk_idx->sizes(),
+                  "recv_topk_idx and recv_topk_weights must be [", num_out_rows, ", ", params.num_topk, "]");
+    }
+    if (recv_src_idx.has_value()) {
+        check_tensor(*recv_src_idx, "recv_src_idx", at::kInt, 1, device_idx_);
+        HEP_CHECK(recv_src_idx->size(0) == num_out_rows, "recv_src_idx must have ", num_out_rows, " rows");
+    }
+    params.topk_idx = optional_ptr<const int64_t>(topk_idx);
+    params.topk_weights = optional_ptr<const float>(topk_weights);
+    params.send_head = send_head.data_ptr<int>();
+    params.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
+    params.recv_x = recv_x.data_ptr();
+    params.recv_scales = optional_ptr<float>(recv_scales);
+    params.recv_src_idx = optional_ptr<int>(recv_src_idx);
+    params.recv_topk_idx = optional_ptr<int64_t>(recv_topk_idx);
+    params.recv_topk_weights = optional_ptr<float>(recv_topk_weights);
+    params.num_tokens = static_cast<int>(num_tokens);
+    params.num_x_bytes = static_cast<int>(num_x_bytes);
+    params.num_local_experts = static_cast<int>(num_local_experts);
+    params.num_out_rows = static_cast<int>(num_out_rows);
+    params.num_channels = static_cast<int>(num_channels);
+    params.num_ring_slots = static_cast<int>(num_ring_slots);
+    params.num_chunk_tokens = static_cast<int>(num_chunk_tokens);
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    kernels::intranode_dispatch(params, layout_.num_data_bytes, smem_limit_, c10::cuda::getCurrentCUDAStream());
+}
+
+void NvlRuntime::combine(const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
+                         const at::Tensor& rank_prefix_matrix, const at::Tensor& recv_channel_prefix_matrix,
+                         const at::Tensor& recv_src_idx, const at::Tensor& is_token_in_rank,
+                         const at::Tensor& send_head, const std::optional<at::Tensor>& bias_0,
+                         const std::optional<at::Tensor>& bias_1, const at::Tensor& combined_x,
+                         const std::optional<at::Tensor>& combined_topk_weights, int64_t num_sms,
+                         int64_t num_ring_slots, int64_t num_chunk_tokens) {
+    HEP_CHECK(peers_open_, "combine: open_peers has not run");
+    check_tensor(x, "x", at::kBFloat16, 2, device_idx_);
+    check_tensor(rank_prefix_matrix, "rank_prefix_matrix", at::kInt, 2, device_idx_);
+    check_tensor(recv_channel_prefix_matrix, "recv_channel_prefix_matrix", at::kInt, 2, device_idx_);
+    check_tensor(recv_src_idx, "recv_src_idx", at::kInt, 1, device_idx_);
+    check_tensor(is_token_in_rank, "is_token_in_rank", at::kBool, 2, device_idx_);
+    check_tensor(send_head, "send_head", at::kInt, 2, device_idx_);
+    check_tensor(combined_x, "combined_x", at::kBFloat16, 2, device_idx_);
+    const int64_t num_tokens = is_token_in_rank.size(0);
+    HEP_CHECK(combined_x.size(0) == num_tokens && combined_x.size(1) == x.size(1), "combined_x must be [", num_tokens,
+              ", ", x.size(1), "]");
+    HEP_CHECK(send_head.size(0) == num_tokens && send_head.size(1) == num_ranks_, "send_head must be [", num_tokens,
+              ", ", num_ranks_, "]");
+    HEP_CHECK(recv_channel_prefix_matrix.size(0) == num_ranks_, "recv_channel_prefix_matrix must have ", num_ranks_,
+              " rows");
+    HEP_CHECK(topk_weights.has_value() == combined_topk_weights.has_value(),
+              "topk_weights and combined_topk_weights go together");
+    kernels::CombineParams params{};
+    fill_domain(params.buffer_ptrs);
+    params.rank = rank_;
+    params.num_ranks = num_ranks_;
+    params.num_timeout_cycles = num_timeout_cycles_;
+    params.x = x.data_ptr();
+    if (topk_weights.has_value()) {
+        check_tensor(*topk_weights, "topk_weights", at::kFloat, 2, device_idx_);
+        check_tensor(*combined_topk_weights, "combined_topk_weights", at::kFloat, 2, device_idx_);
+        params.num_topk = static_cast<int>(topk_weights->size(1));
+        params.topk_weights = topk_weights->data_ptr<float>();
+        params.combined_topk_weights = combined_topk_weights->data_ptr<float>();
+    }
+    for (const auto* bias : {&bias_0, &bias_1}) {
+        if (bias->has_value()) {
+            check_tensor(**bias, "bias", at::kBFloat16, 2, device_idx_);
+            HEP_CHECK((*bias)->sizes() == combined_x.sizes(), "bias must be [", num_tokens, ", ", x.size(1), "]");
+        }
+    }
+    params.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
+    params.recv_channel_prefix_matrix = recv_channel_prefix_matrix.data_ptr<int>();
+    params.recv_src_idx = recv_src_idx.data_ptr<int>();
+    params.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    params.send_head = send_head.data_ptr<int>();
+    params.bias_0 = bias_0.has_value() ? bias_0->data_ptr() : nullptr;
+    params.bias_1 = bias_1.has_value() ? bias_1->data_ptr() : nullptr;
+    params.combined_x = combined_x.data_ptr();
+    params.num_tokens = static_cast<int>(num_tokens);
+    params.hidden = static_cast<int>(x.size(1));
+    params.num_channels = static_cast<int>(recv_channel_prefix_matrix.size(1));
+    params.num_blocks = static_cast<int>(num_sms);
+    params.num_ring_slots = static_cast<int>(num_ring_slots);
+    params.num_chunk_tokens = static_cast<int>(num_chunk_tokens);
+
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    kernels::NotifyCombineParams notify{};
+    fill_domain(notify.buffer_ptrs);
+    notify.rank = rank_;
+    notify.num_ranks = num_ranks_;
+    notify.num_timeout_cycles = num_timeout_cycles_;
+    notify.num_tokens = static_cast<int>(num_tokens);
+    // NOTES: checked before the prelude is enqueued, so a rejected call leaves no barrier half-done.
+    kernels::check_combine(params, layout_.num_data_bytes, smem_limit_);
+    kernels::notify_combine(notify, stream);
+    kernels::intranode_combine(params, layout_.num_data_bytes, smem_limit_, stream);
+}
+
+std::tuple<int64_t, std::vector<int64_t>, std::tuple<int64_t, int64_t, int64_t>> NvlRuntime::wait_recv_counts(
+    int64_t num_local_experts) const {
     HEP_CHECK(num_local_experts >= 0 && num_local_experts <= kNumMaxLocalExperts, "num_local_experts must be in [0, ",
               kNumMaxLocalExperts, "], got ", num_local_experts);
     const volatile int* counts = host_recv_counts_;
@@ -201,7 +389,8 @@ std::tuple<int64_t, std::vector<int64_t>> NvlRuntime::wait_recv_counts(int64_t n
     std::vector<int64_t> per_expert(num_local_experts);
     for (int64_t e = 0; e < num_local_experts; ++e)
         per_expert[e] = counts[1 + e];
-    return {num_recv_tokens, per_expert};
+    const int* overflow = host_recv_counts_ + kernels::kHostOverflowOffset;
+    return {num_recv_tokens, per_expert, {overflow[0], overflow[1], overflow[2]}};
 }
 
 void NvlRuntime::close_peers() {
@@ -228,6 +417,15 @@ void NvlRuntime::free_buffer() {
     buffer_ptrs_[rank_] = nullptr;
 }
 
+namespace {
+
+int64_t ring_bytes_hint_py(int64_t hidden_bytes, int64_t num_ranks, int64_t num_blocks, int64_t num_slots) {
+    return static_cast<int64_t>(ring_bytes_hint(static_cast<int>(hidden_bytes), static_cast<int>(num_ranks),
+                                                static_cast<int>(num_blocks), static_cast<int>(num_slots)));
+}
+
+}  // namespace
+
 void register_apis(pybind11::module_& m) {
     pybind11::class_<NvlRuntime>(m, "NvlRuntime")
         .def(pybind11::init<int, int, int64_t, double>(), pybind11::arg("rank"), pybind11::arg("num_ranks"),
@@ -235,11 +433,26 @@ void register_apis(pybind11::module_& m) {
         .def("ipc_handle", &NvlRuntime::ipc_handle)
         .def("open_peers", &NvlRuntime::open_peers, pybind11::arg("handles"))
         .def("barrier", &NvlRuntime::barrier)
+        .def("prepare_rings", &NvlRuntime::prepare_rings)
         .def("buffer_tensor", &NvlRuntime::buffer_tensor, pybind11::arg("rank_idx"), pybind11::arg("dtype"),
              pybind11::arg("offset"), pybind11::arg("num_bytes"))
         .def("notify_dispatch", &NvlRuntime::notify_dispatch, pybind11::arg("num_tokens_per_rank"),
              pybind11::arg("num_tokens_per_expert"), pybind11::arg("is_token_in_rank"), pybind11::arg("num_channels"),
-             pybind11::arg("expert_alignment"))
+             pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens") = 0)
+        .def("dispatch", &NvlRuntime::dispatch, pybind11::arg("x"), pybind11::arg("x_scales"),
+             pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("send_head"),
+             pybind11::arg("rank_prefix_matrix"), pybind11::arg("recv_x"), pybind11::arg("recv_scales"),
+             pybind11::arg("recv_src_idx"), pybind11::arg("recv_topk_idx"), pybind11::arg("recv_topk_weights"),
+             pybind11::arg("num_local_experts"), pybind11::arg("num_channels"), pybind11::arg("num_ring_slots"),
+             pybind11::arg("num_chunk_tokens"))
+        .def("combine", &NvlRuntime::combine, pybind11::arg("x"), pybind11::arg("topk_weights"),
+             pybind11::arg("rank_prefix_matrix"), pybind11::arg("recv_channel_prefix_matrix"),
+             pybind11::arg("recv_src_idx"), pybind11::arg("is_token_in_rank"), pybind11::arg("send_head"),
+             pybind11::arg("bias_0"), pybind11::arg("bias_1"), pybind11::arg("combined_x"),
+             pybind11::arg("combined_topk_weights"), pybind11::arg("num_sms"), pybind11::arg("num_ring_slots"),
+             pybind11::arg("num_chunk_tokens"))
+        .def_static("ring_bytes_hint", &ring_bytes_hint_py, pybind11::arg("hidden_bytes"), pybind11::arg("num_ranks"),
+                    pybind11::arg("num_blocks"), pybind11::arg("num_slots"))
         .def("wait_recv_counts", &NvlRuntime::wait_recv_counts, pybind11::arg("num_local_experts"))
         .def("close_peers", &NvlRuntime::close_peers)
         .def("free_buffer", &NvlRuntime::free_buffer)

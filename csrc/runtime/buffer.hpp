@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -33,6 +34,8 @@ public:
     void open_peers(const std::vector<std::string>& handles);
     // Enqueues a device-side barrier of the domain on the current CUDA stream (kernels/intranode/barrier.cu).
     void barrier();
+    // Enqueues barrier, zeroing of this rank's ring counters, barrier: the entry of a cached dispatch.
+    void prepare_rings();
     // Returns: a tensor over `num_bytes` bytes of rank `rank_idx`'s data region from byte `offset`, as `dtype`
     // (the local buffer for rank_idx == rank; a peer's mapping otherwise).
     at::Tensor buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t offset, int64_t num_bytes) const;
@@ -40,14 +43,38 @@ public:
     // Arguments: the layout tensors of get_dispatch_layout (int32 [num_ranks], int32 [num_experts], bool
     //     [num_tokens, num_ranks], on this device), the handle's channel count and the expert alignment.
     // Returns: (rank_prefix_matrix [num_ranks, num_ranks], channel_prefix_matrix [num_ranks, num_channels],
+    //     recv_channel_prefix_matrix [num_ranks, num_channels], send_head [num_tokens, num_ranks],
     //     num_recv_tokens_per_expert [num_local_experts]), int32 tensors written by the kernel.
-    std::tuple<at::Tensor, at::Tensor, at::Tensor> notify_dispatch(const at::Tensor& num_tokens_per_rank,
-                                                                   const at::Tensor& num_tokens_per_expert,
-                                                                   const at::Tensor& is_token_in_rank,
-                                                                   int64_t num_channels, int64_t expert_alignment);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> notify_dispatch(
+        const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert,
+        const at::Tensor& is_token_in_rank, int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens);
+    // Enqueues the dispatch kernel on the current stream (kernels/intranode/dispatch.cu); the rings must be idle
+    // (notify_dispatch or barrier just before). Outputs are allocated by the caller with `num_out_rows` rows.
+    // Arguments: x [num_tokens, hidden] (BF16 or FP8 bytes), x_scales [num_tokens, hidden / 128] float32 (any
+    //     strides) or None, topk_idx/topk_weights [num_tokens, num_topk] or None, send_head [num_tokens, num_ranks]
+    //     and rank_prefix_matrix [num_ranks, num_ranks] int32, the outputs, the experts per rank, the handle's
+    //     channel count and the ring sizes of the config.
+    void dispatch(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                  const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+                  const at::Tensor& send_head, const at::Tensor& rank_prefix_matrix, const at::Tensor& recv_x,
+                  const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_src_idx,
+                  const std::optional<at::Tensor>& recv_topk_idx, const std::optional<at::Tensor>& recv_topk_weights,
+                  int64_t num_local_experts, int64_t num_channels, int64_t num_ring_slots, int64_t num_chunk_tokens);
+    // Enqueues notify_combine and the combine kernel on the current stream (kernels/intranode/combine.cu).
+    // Arguments: x [num_rows, hidden] bf16, topk_weights [num_rows, num_topk] float32 or None, the handle's
+    //     rank_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank and send_head, biases
+    //     [num_tokens, hidden] bf16 or None, the outputs, the config's SMs and ring sizes.
+    void combine(const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
+                 const at::Tensor& rank_prefix_matrix, const at::Tensor& recv_channel_prefix_matrix,
+                 const at::Tensor& recv_src_idx, const at::Tensor& is_token_in_rank, const at::Tensor& send_head,
+                 const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
+                 const at::Tensor& combined_x, const std::optional<at::Tensor>& combined_topk_weights, int64_t num_sms,
+                 int64_t num_ring_slots, int64_t num_chunk_tokens);
     // Waits (bounded by the timeout, GIL released) for the host copy of the last notify's counts.
-    // Returns: (rows this rank receives, aligned receive count of each of its `num_local_experts` experts).
-    std::tuple<int64_t, std::vector<int64_t>> wait_recv_counts(int64_t num_local_experts) const;
+    // Returns: (rows this rank receives, aligned receive count of each of its `num_local_experts` experts,
+    //     (first rank whose rows exceed its num_worst_tokens or -1, its rows, its num_worst_tokens)).
+    std::tuple<int64_t, std::vector<int64_t>, std::tuple<int64_t, int64_t, int64_t>> wait_recv_counts(
+        int64_t num_local_experts) const;
     // Unmaps the peers' buffers (after every rank has stopped using them).
     void close_peers();
     // Frees this rank's buffer (after every peer has unmapped it). The runtime is unusable afterwards.
@@ -68,8 +95,9 @@ private:
     int device_idx_;
     NvlBufferLayout layout_;
     int64_t num_timeout_cycles_;
+    int smem_limit_ = 0;  // opt-in shared memory per block of the device
     double timeout_secs_;
-    int* host_recv_counts_ = nullptr;  // mapped host memory [1 + kNumMaxLocalExperts] (kernels/api.cuh)
+    int* host_recv_counts_ = nullptr;  // mapped host memory [kNumHostCountInts] (kernels/api.cuh)
     void* local_ptr_ = nullptr;
     std::vector<void*> buffer_ptrs_;  // [num_ranks]: local_ptr_ at rank_, peer mappings elsewhere
     bool peers_open_ = false;

@@ -29,7 +29,7 @@ pybind11::dict build_info() {
     pybind11::dict features;
     features["layout"] = true;
     features["nvl_runtime"] = true;
-    features["intranode"] = false;
+    features["intranode"] = true;
     features["internode"] = false;
     features["low_latency"] = false;
     features["nvshmem"] = false;

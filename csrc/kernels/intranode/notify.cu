@@ -1,12 +1,15 @@
 // `notify_dispatch`: the count exchange that precedes an intranode dispatch. One block per rank:
 //   1. barrier: every rank has finished reading the previous call's notify slots;
 //   2. write this rank's token count to every rank, and its count of entries naming each of rank p's experts, into
-//      notify slot `rank` of every rank p's NVLink buffer (device/layout.cuh);
-//   3. meanwhile count this rank's tokens per (destination, channel) into channel_prefix_matrix;
-//   4. barrier: every slot is written;
-//   5. read this rank's own slots: rank_prefix_matrix, the aligned per-local-expert receive counts, and the number
-//      of rows this rank receives, published to mapped host memory for the host's bounded poll (count last, with a
-//      system-scope release, after the per-expert counts).
+//      notify slot `rank` of every rank p's NVLink buffer (device/layout.cuh)
+//      (and, computed before the barrier, its per-channel counts to p);
+//   3. barrier: every slot is written;
+//   4. read this rank's own slots: rank_prefix_matrix, the aligned per-local-expert receive counts,
+//      recv_channel_prefix_matrix, then send_head (where each token lands at each rank), and the number of rows this
+//      rank receives, published to mapped host memory for the host's bounded poll (count last, with a system-scope
+//      release, after the per-expert counts).
+// `notify_combine` is the prelude of a combine: barrier, then the token count of every rank (the combine kernel's
+// receivers split their tokens like the senders do).
 // Preconditions: all ranks call it with the same num_experts and num_channels; host_recv_counts[0] was set to -1.
 #include <cstdio>
 
@@ -22,30 +25,48 @@ namespace {
 constexpr int kNumNotifyThreads = 1024;
 constexpr int kWarpSize = 32;
 
+// Block-wide exclusive prefix sum of one int per thread (blockDim.x == kNumNotifyThreads). Returns: the sum of the
+// values of lower-indexed threads; `total` receives the sum of all.
+__device__ __forceinline__ int block_exclusive_scan(int value, int& total) {
+    __shared__ int warp_sums[kNumNotifyThreads / kWarpSize];
+    const int warp_idx = threadIdx.x / kWarpSize, lane_idx = threadIdx.x % kWarpSize;
+    int inclusive = value;
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+        const int other = __shfl_up_sync(0xffffffff, inclusive, offset);
+        if (lane_idx >= offset)
+            inclusive += other;
+    }
+    if (lane_idx == kWarpSize - 1)
+        warp_sums[warp_idx] = inclusive;
+    __syncthreads();
+    if (warp_idx == 0) {
+        int sum = warp_sums[lane_idx];
+        for (int offset = 1; offset < kWarpSize; offset *= 2) {
+            const int other = __shfl_up_sync(0xffffffff, sum, offset);
+            if (lane_idx >= offset)
+                sum += other;
+        }
+        warp_sums[lane_idx] = sum;
+    }
+    __syncthreads();
+    const int warp_base = warp_idx > 0 ? warp_sums[warp_idx - 1] : 0;
+    total = warp_sums[kNumNotifyThreads / kWarpSize - 1];
+    __syncthreads();
+    return warp_base + inclusive - value;
+}
+
 __global__ void __launch_bounds__(kNumNotifyThreads, 1)
     notify_dispatch_kernel(const __grid_constant__ NotifyDispatchParams params) {
-    const int rank = params.rank, num_ranks = params.num_ranks;
+    const int rank = params.rank, num_ranks = params.num_ranks, num_channels = params.num_channels;
     const int num_local_experts = params.num_experts / num_ranks;
-    nvl_barrier(params.buffer_ptrs, rank, num_ranks, params.num_timeout_cycles, "notify_dispatch (entry)");
-
-    // Step 2: this rank's counts into every rank's slot `rank`.
-    const int num_slot_ints = num_ranks + num_local_experts;
-    for (int i = threadIdx.x; i < num_ranks * num_slot_ints; i += blockDim.x) {
-        const int dst_rank = i / num_slot_ints, j = i % num_slot_ints;
-        int* slot = NvlBufferLayout::notify_slot(params.buffer_ptrs[dst_rank], rank);
-        if (j < num_ranks)
-            slot[j] = params.num_tokens_per_rank[j];
-        else
-            slot[kNumMaxNvlRanks + j - num_ranks] =
-                params.num_tokens_per_expert[dst_rank * num_local_experts + j - num_ranks];
-    }
-
-    // Step 3: tokens per (destination, channel); channel c holds tokens [c * T, (c + 1) * T), T = ceil(N / C).
     const int warp_idx = threadIdx.x / kWarpSize, lane_idx = threadIdx.x % kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
-    const int tokens_per_channel = max((params.num_tokens + params.num_channels - 1) / params.num_channels, 1);
-    for (int pair = warp_idx; pair < num_ranks * params.num_channels; pair += num_warps) {
-        const int dst_rank = pair / params.num_channels, channel = pair % params.num_channels;
+
+    // Step 1: tokens per (destination, channel); channel c holds tokens [c * T, (c + 1) * T), T = ceil(N / C).
+    // Computed before the barrier, from local data only.
+    const int tokens_per_channel = max((params.num_tokens + num_channels - 1) / num_channels, 1);
+    for (int pair = warp_idx; pair < num_ranks * num_channels; pair += num_warps) {
+        const int dst_rank = pair / num_channels, channel = pair % num_channels;
         const int begin = min(channel * tokens_per_channel, params.num_tokens);
         const int end = min(begin + tokens_per_channel, params.num_tokens);
         int count = 0;
@@ -54,38 +75,97 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
         for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
             count += __shfl_xor_sync(0xffffffff, count, offset);
         if (lane_idx == 0)
-            params.channel_prefix_matrix[dst_rank * params.num_channels + channel] = count;
+            params.channel_prefix_matrix[dst_rank * num_channels + channel] = count;
     }
     __syncthreads();
     if (threadIdx.x < num_ranks) {
-        int* row = params.channel_prefix_matrix + threadIdx.x * params.num_channels;
-        for (int c = 1; c < params.num_channels; ++c)
+        int* row = params.channel_prefix_matrix + threadIdx.x * num_channels;
+        for (int c = 1; c < num_channels; ++c)
             row[c] += row[c - 1];
     }
+
+    // Step 2: barrier: every rank has finished reading the previous call's slots.
+    nvl_barrier(params.buffer_ptrs, rank, num_ranks, params.num_timeout_cycles, "notify_dispatch (entry)");
+    // No peer writes this rank's ring counters until the next barrier: start the call from zero.
+    reset_ring_counters(params.buffer_ptrs[rank]);
+
+    // Step 3: this rank's counts into every rank's slot `rank`.
+    for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x)
+        NvlBufferLayout::notify_slot(params.buffer_ptrs[i / num_ranks], rank)[i % num_ranks] =
+            params.num_tokens_per_rank[i % num_ranks];
+    for (int i = threadIdx.x; i < num_ranks * num_local_experts; i += blockDim.x) {
+        const int dst_rank = i / num_local_experts, e = i % num_local_experts;
+        NvlBufferLayout::notify_slot(params.buffer_ptrs[dst_rank], rank)[kSlotExpertOffset + e] =
+            params.num_tokens_per_expert[i];
+    }
+    for (int i = threadIdx.x; i < num_ranks * num_channels; i += blockDim.x)
+        NvlBufferLayout::notify_slot(params.buffer_ptrs[i / num_channels],
+                                     rank)[kSlotChannelOffset + i % num_channels] = params.channel_prefix_matrix[i];
+    if (threadIdx.x < num_ranks)
+        NvlBufferLayout::notify_slot(params.buffer_ptrs[threadIdx.x], rank)[kSlotWorstOffset] = params.num_worst_tokens;
 
     // Step 4.
     nvl_barrier(params.buffer_ptrs, rank, num_ranks, params.num_timeout_cycles, "notify_dispatch (exchange)");
 
-    // Step 5: prefix over source ranks, per destination; per-expert sums over sources.
+    // Step 5: prefix over source ranks, per destination; per-expert sums over sources; receive-side channel starts.
     void* local = params.buffer_ptrs[rank];
+    __shared__ int rank_prefix[kNumMaxNvlRanks * kNumMaxNvlRanks];
     if (threadIdx.x < num_ranks) {
         const int dst_rank = threadIdx.x;
         int sum = 0;
         for (int src_rank = 0; src_rank < num_ranks; ++src_rank) {
             sum += NvlBufferLayout::notify_slot(local, src_rank)[dst_rank];
+            rank_prefix[src_rank * num_ranks + dst_rank] = sum;
             params.rank_prefix_matrix[src_rank * num_ranks + dst_rank] = sum;
         }
     }
     for (int e = threadIdx.x; e < num_local_experts; e += blockDim.x) {
         int sum = 0;
         for (int src_rank = 0; src_rank < num_ranks; ++src_rank)
-            sum += NvlBufferLayout::notify_slot(local, src_rank)[kNumMaxNvlRanks + e];
+            sum += NvlBufferLayout::notify_slot(local, src_rank)[kSlotExpertOffset + e];
         sum = (sum + params.expert_alignment - 1) / params.expert_alignment * params.expert_alignment;
         params.num_recv_tokens_per_expert[e] = sum;
         params.host_recv_counts[1 + e] = sum;
     }
     __syncthreads();
+    for (int i = threadIdx.x; i < num_ranks * num_channels; i += blockDim.x) {
+        const int src_rank = i / num_channels, channel = i % num_channels;
+        const int rank_start = src_rank > 0 ? rank_prefix[(src_rank - 1) * num_ranks + rank] : 0;
+        const int channel_start =
+            channel > 0 ? NvlBufferLayout::notify_slot(local, src_rank)[kSlotChannelOffset + channel - 1] : 0;
+        params.recv_channel_prefix_matrix[i] = rank_start + channel_start;
+    }
+
+    // Step 6: send_head[t][d]: the row of token t among rank d's received rows, or -1.
+    const int num_tokens_per_thread = (params.num_tokens + kNumNotifyThreads - 1) / kNumNotifyThreads;
+    const int begin = min(static_cast<int>(threadIdx.x) * num_tokens_per_thread, params.num_tokens);
+    const int end = min(begin + num_tokens_per_thread, params.num_tokens);
+    for (int dst_rank = 0; dst_rank < num_ranks; ++dst_rank) {
+        const bool* column = params.is_token_in_rank + dst_rank;
+        int count = 0;
+        for (int t = begin; t < end; ++t)
+            count += column[static_cast<int64_t>(t) * num_ranks] ? 1 : 0;
+        int total;
+        int row = block_exclusive_scan(count, total) + (rank > 0 ? rank_prefix[(rank - 1) * num_ranks + dst_rank] : 0);
+        for (int t = begin; t < end; ++t) {
+            const bool is_in = column[static_cast<int64_t>(t) * num_ranks];
+            params.send_head[static_cast<int64_t>(t) * num_ranks + dst_rank] = is_in ? row++ : -1;
+        }
+    }
+
+    __syncthreads();
     if (threadIdx.x == 0) {
+        // Every rank sees every rank's rows and num_worst_tokens, so all report the same overflow together.
+        int overflow_rank = -1, overflow_rows = 0, overflow_worst = 0;
+        for (int r = 0; r < num_ranks && overflow_rank < 0; ++r) {
+            const int rows = rank_prefix[(num_ranks - 1) * num_ranks + r];
+            const int worst = NvlBufferLayout::notify_slot(local, r)[kSlotWorstOffset];
+            if (worst > 0 && rows > worst)
+                overflow_rank = r, overflow_rows = rows, overflow_worst = worst;
+        }
+        params.host_recv_counts[kHostOverflowOffset] = overflow_rank;
+        params.host_recv_counts[kHostOverflowOffset + 1] = overflow_rows;
+        params.host_recv_counts[kHostOverflowOffset + 2] = overflow_worst;
         int num_recv_tokens = 0;
         for (int src_rank = 0; src_rank < num_ranks; ++src_rank)
             num_recv_tokens += NvlBufferLayout::notify_slot(local, src_rank)[rank];
@@ -94,7 +174,36 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
     }
 }
 
+// The combine prelude: a barrier (every rank is done with the previous call's rings and slots), then this rank's
+// token count and the barrier's epoch into slot `rank` of every rank. The combine kernel polls the epoch.
+__global__ void __launch_bounds__(kNumMaxNvlRanks)
+    notify_combine_kernel(const __grid_constant__ NotifyCombineParams params) {
+    nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "combine (entry)");
+    // Peers write this rank's counters only after they saw its epoch below.
+    reset_ring_counters(params.buffer_ptrs[params.rank]);
+    __threadfence_system();
+    const int epoch = *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]);
+    if (threadIdx.x < params.num_ranks) {
+        int* slot = NvlBufferLayout::notify_slot(params.buffer_ptrs[threadIdx.x], params.rank);
+        slot[kSlotNumTokensOffset] = params.num_tokens;
+        ptx::st_release_sys(slot + kSlotEpochOffset, epoch);
+    }
+}
+
+// Barrier, reset of this rank's ring counters, barrier: what a cached dispatch needs before its kernel.
+__global__ void __launch_bounds__(kNumMaxNvlRanks) prepare_rings_kernel(const __grid_constant__ BarrierParams params) {
+    nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (entry)");
+    reset_ring_counters(params.buffer_ptrs[params.rank]);
+    nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (reset)");
+}
+
 }  // namespace
+
+void prepare_rings(const BarrierParams& params, cudaStream_t stream) {
+    check_domain(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles);
+    prepare_rings_kernel<<<1, kNumMaxNvlRanks, 0, stream>>>(params);
+    CUDA_CHECK(cudaGetLastError());
+}
 
 void notify_dispatch(const NotifyDispatchParams& params, cudaStream_t stream) {
     check_domain(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles);
@@ -102,11 +211,19 @@ void notify_dispatch(const NotifyDispatchParams& params, cudaStream_t stream) {
               "notify_dispatch: num_experts must be a positive multiple of num_ranks, got ", params.num_experts);
     HEP_CHECK(params.num_experts / params.num_ranks <= kNumMaxLocalExperts, "notify_dispatch: at most ",
               kNumMaxLocalExperts, " experts per rank, got ", params.num_experts / params.num_ranks);
-    HEP_CHECK(params.num_channels >= 1, "notify_dispatch: num_channels must be positive, got ", params.num_channels);
+    HEP_CHECK(params.num_channels >= 1 && params.num_channels <= kNumMaxChannels,
+              "notify_dispatch: num_channels must be in [1, ", kNumMaxChannels, "], got ", params.num_channels);
     HEP_CHECK(params.expert_alignment >= 1, "notify_dispatch: expert_alignment must be positive, got ",
               params.expert_alignment);
     HEP_CHECK(params.num_tokens >= 0, "notify_dispatch: num_tokens must be non-negative");
     notify_dispatch_kernel<<<1, kNumNotifyThreads, 0, stream>>>(params);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+void notify_combine(const NotifyCombineParams& params, cudaStream_t stream) {
+    check_domain(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles);
+    HEP_CHECK(params.num_tokens >= 0, "notify_combine: num_tokens must be non-negative");
+    notify_combine_kernel<<<1, kNumMaxNvlRanks, 0, stream>>>(params);
     CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,0 +1,547 @@
+// `intranode_combine`: every received row goes back to its source rank over NVLink, and each source sums the copies
+// of its tokens in fp32, in ascending rank order, after the biases (docs/semantics.md §4), so the result is bitwise
+// the reference's.
+//
+// Work units: the tokens of channel c of rank s (the dispatch's channels, T_s = ceil(N_s / C) tokens) are cut into
+// P contiguous sub-ranges; unit u = c * P + q is served by block u % num_blocks, units in ascending order. P is the
+// same everywhere (it depends on every rank's token count, published by notify_combine) and makes a unit's rows
+// from one rank fit one ring, which keeps the rings deadlock-free: a sender never waits on a ring for rows of the
+// unit it is sending, only for the previous unit's rows, which every reducer can finish.
+// Each block has one sender warp and kNumReduceWarps reducer warps:
+//   * sender (warp 0): for each unit, the rows this rank holds for each peer s are a contiguous range (found by
+//     binary search in recv_src_idx inside the dispatch's channel range); lane 0 runs the bulk-copy pipeline of
+//     the dispatch (global -> shared -> ring of s in block b), with the source token and the weights as metadata,
+//     publishing tails (release) every num_chunk_tokens rows and at the end of each unit. Slots are reused after
+//     the reducer's head passed them (bounded wait).
+//   * reducers (warps 1..): batches of up to 32 tokens of the unit; every warp reads the routing of the batch,
+//     waits (bounded) until each peer's tail covers the batch, then takes every kNumReduceWarps-th token and sums
+//     bias_0, bias_1 and the copies from ranks 0..R-1 (this rank's own copy read from x directly); then the leader
+//     releases the heads into the peers' buffers.
+// Counters start every call at zero: notify_combine zeroes this rank's own after its barrier, before the peers
+// may see its epoch.
+// Preconditions: notify_combine ran just before on this stream; the handle comes from a dispatch of this Buffer.
+#include <cuda_bf16.h>
+
+#include <cstdio>
+
+#include "device/comm.cuh"
+#include "device/exception.cuh"
+#include "device/layout.cuh"
+#include "device/ptx.cuh"
+#include "kernels/api.cuh"
+#include "kernels/launch.cuh"
+#include "runtime/exception.hpp"
+
+namespace hybrid_ep::kernels {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kNumReduceWarps = 8;
+constexpr int kNumThreads = (1 + kNumReduceWarps) * kWarpSize;
+constexpr int kMaxBatchTokens = 32;
+
+// The unit split every rank agrees on.
+struct UnitSplit {
+    int num_tokens[kNumMaxKernelRanks];  // token count of each rank
+    int num_parts;                       // P: sub-ranges per channel
+    int num_units;                       // num_channels * P
+
+    // Tokens [begin, end) of unit `unit_idx` at rank `rank_idx`.
+    __device__ void tokens(int unit_idx, int rank_idx, int num_channels, int& begin, int& end) const {
+        const int n = num_tokens[rank_idx];
+        const int per_channel = max((n + num_channels - 1) / num_channels, 1);
+        const int channel = unit_idx / num_parts, part = unit_idx % num_parts;
+        const int channel_begin = min(channel * per_channel, n), channel_end = min(channel_begin + per_channel, n);
+        const int per_part = (per_channel + num_parts - 1) / num_parts;
+        begin = min(channel_begin + part * per_part, channel_end);
+        end = min(begin + per_part, channel_end);
+    }
+};
+
+struct SenderState {
+    int sent[kNumMaxKernelRanks];
+    int head_seen[kNumMaxKernelRanks];
+    int published[kNumMaxKernelRanks];
+    int item_rank[kNumMaxKernelRanks];   // destination of the i-th run of the unit
+    int item_first[kNumMaxKernelRanks];  // its first row in x
+    int item_end[kNumMaxKernelRanks];    // exclusive prefix of the runs' lengths, inclusive of run i
+};
+
+template <int kNumStages>
+struct SenderHistory {
+    int sent[kNumStages][kNumMaxKernelRanks];
+};
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) {
+    return __uint_as_float(bits << 16);
+}
+
+// Round to nearest even, NaN to 0x7fc0: the rounding of torch's float -> bfloat16 conversion.
+__device__ __forceinline__ uint32_t float_to_bf16_bits(float value) {
+    if (isnan(value))
+        return 0x7fc0u;
+    const uint32_t bits = __float_as_uint(value);
+    return (bits + ((bits >> 16) & 1u) + 0x7fffu) >> 16;
+}
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                               static_cast<uint32_t>(v.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc[2 * i] += bf16_bits_to_float(words[i] & 0xffffu);
+        acc[2 * i + 1] += bf16_bits_to_float(words[i] >> 16);
+    }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+    uint32_t words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        words[i] = float_to_bf16_bits(acc[2 * i]) | (float_to_bf16_bits(acc[2 * i + 1]) << 16);
+    return make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
+                     static_cast<int>(words[3]));
+}
+
+// Returns: the first index in [begin, end) whose recv_src_idx is >= token (recv_src_idx ascends there).
+__device__ __forceinline__ int lower_bound(const int* recv_src_idx, int begin, int end, int token) {
+    while (begin < end) {
+        const int mid = begin + (end - begin) / 2;
+        if (recv_src_idx[mid] < token)
+            begin = mid + 1;
+        else
+            end = mid;
+    }
+    return begin;
+}
+
+__device__ __forceinline__ void wait_stage(uint32_t bar, uint32_t phase, int64_t num_timeout_cycles, int rank) {
+    timeout_while(num_timeout_cycles, [&](bool is_last_check) {
+        const bool is_done = ptx::mbarrier_try_wait(bar, phase);
+        if (!is_done && is_last_check)
+            printf("hybrid_ep combine timeout: rank %d, block %d: a local bulk load never completed\n", rank,
+                   static_cast<int>(blockIdx.x));
+        return !is_done;
+    });
+}
+
+template <int kNumStages, int kNumPrefetch>
+__device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8_t* smem, int block_idx) {
+    constexpr int kNumInFlight = kNumStages - kNumPrefetch - 1;
+    __shared__ SenderState state;
+    __shared__ SenderHistory<kNumStages> history;
+    __shared__ uint64_t stage_bars[kNumStages];
+
+    const int lane_idx = ptx::get_lane_idx();
+    const int rank = p.rank, num_ranks = p.num_ranks, num_channels = p.num_channels;
+    const int num_row_bytes = p.hidden * 2;
+    const CombineMetaLayout meta_layout{p.num_topk};
+    const RingLayout rings{num_ranks, p.num_blocks, p.num_ring_slots, num_row_bytes, meta_layout.num_bytes()};
+    const int stage_stride = (num_row_bytes + meta_layout.num_bytes() + 127) / 128 * 128;
+
+    if (lane_idx < kNumMaxKernelRanks)
+        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = 0;
+    if (lane_idx == 0) {
+        for (int s = 0; s < kNumStages; ++s)
+            ptx::mbarrier_init(ptx::smem_addr(&stage_bars[s]), 1);
+        ptx::fence_mbarrier_init();
+    }
+    __syncwarp();
+
+    const auto publish = [&](const int* sent_after) {
+        ptx::fence_proxy_async_global();
+        for (int d = 0; d < num_ranks; ++d) {
+            if (d != rank && sent_after[d] != state.published[d]) {
+                ptx::st_release_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], block_idx, rank), sent_after[d]);
+                state.published[d] = sent_after[d];
+            }
+        }
+    };
+
+    int num_items_before = 0;  // rows sent by this block in earlier units: stage and phase keep counting
+    for (int unit_idx = block_idx; unit_idx < split.num_units; unit_idx += p.num_blocks) {
+        const int channel = unit_idx / split.num_parts;
+        // Lane i < R - 1: one peer (rotated by block, so the blocks of a rank start on different peers) and its
+        // contiguous run of rows for this unit.
+        int run_first = 0, run_count = 0, run_rank = -1;
+        if (lane_idx < num_ranks - 1) {
+            run_rank = (rank + 1 + (block_idx + lane_idx) % (num_ranks - 1)) % num_ranks;
+            const int s = run_rank;
+            const int rows_begin = p.recv_channel_prefix_matrix[s * num_channels + channel];
+            const int rows_end = channel + 1 < num_channels
+                                     ? p.recv_channel_prefix_matrix[s * num_channels + channel + 1]
+                                     : p.rank_prefix_matrix[s * num_ranks + rank];
+            int token_begin, token_end;
+            split.tokens(unit_idx, s, num_channels, token_begin, token_end);
+            run_first = lower_bound(p.recv_src_idx, rows_begin, rows_end, token_begin);
+            run_count = lower_bound(p.recv_src_idx, run_first, rows_end, token_end) - run_first;
+        }
+        int run_end = run_count;
+        for (int offset = 1; offset < kWarpSize; offset *= 2) {
+            const int other = __shfl_up_sync(0xffffffff, run_end, offset);
+            if (lane_idx >= offset)
+                run_end += other;
+        }
+        if (lane_idx < num_ranks - 1) {
+            state.item_rank[lane_idx] = run_rank;
+            state.item_first[lane_idx] = run_first;
+            state.item_end[lane_idx] = run_end;
+        }
+        const int num_items = __shfl_sync(0xffffffff, run_end, max(num_ranks - 2, 0));
+        __syncwarp();
+
+        // Item k of the unit: (destination, row of x).
+        const auto locate = [&](int k, int& dst_rank, int& row) {
+            int i = 0;
+            while (k >= state.item_end[i])
+                ++i;
+            dst_rank = state.item_rank[i];
+            row = state.item_first[i] + k - (i > 0 ? state.item_end[i - 1] : 0);
+        };
+        const auto stage_ptr = [&](int k) { return smem + ((num_items_before + k) % kNumStages) * stage_stride; };
+        const auto issue_load = [&](int k) {
+            int dst_rank, row;
+            locate(k, dst_rank, row);
+            const uint32_t bar = ptx::smem_addr(&stage_bars[(num_items_before + k) % kNumStages]);
+            ptx::mbarrier_arrive_expect_tx(bar, num_row_bytes);
+            ptx::tma_load_1d(ptx::smem_addr(stage_ptr(k)),
+                             static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(row) * num_row_bytes,
+                             num_row_bytes, bar);
+        };
+
+        int next_src_idx = 0;
+        float next_weight = 0.0f;
+        const auto load_meta = [&](int row) {
+            if (lane_idx == 0)
+                next_src_idx = p.recv_src_idx[row];
+            if (lane_idx < p.num_topk)
+                next_weight = p.topk_weights[static_cast<int64_t>(row) * p.num_topk + lane_idx];
+        };
+        if (num_items > 0) {
+            int first_dst, first_row;
+            locate(0, first_dst, first_row);
+            load_meta(first_row);
+        }
+        if (lane_idx == 0)
+            for (int k = 0; k < min(kNumPrefetch, num_items); ++k)
+                issue_load(k);
+        for (int k = 0; k < num_items; ++k) {
+            const int item_idx = num_items_before + k;
+            if (lane_idx == 0 && k + kNumPrefetch < num_items) {
+                ptx::bulk_wait_group<kNumInFlight>();
+                const int done_k = k + kNumPrefetch - kNumStages;
+                if (done_k >= 0 && (done_k + 1) % p.num_chunk_tokens == 0)
+                    publish(history.sent[(num_items_before + done_k) % kNumStages]);
+                issue_load(k + kNumPrefetch);
+            }
+            int dst_rank, row;
+            locate(k, dst_rank, row);
+            uint8_t* stage = stage_ptr(k);
+            uint8_t* meta = stage + num_row_bytes;
+            // NOTES: the metadata of item k was loaded into registers one item ahead, off the critical path.
+            if (lane_idx == 0)
+                *reinterpret_cast<int*>(meta) = next_src_idx;
+            if (lane_idx < p.num_topk)
+                reinterpret_cast<float*>(meta + meta_layout.weights_offset())[lane_idx] = next_weight;
+            if (k + 1 < num_items) {
+                int next_dst, next_row;
+                locate(k + 1, next_dst, next_row);
+                load_meta(next_row);
+            }
+            ptx::fence_proxy_async_shared();
+            __syncwarp();
+            if (lane_idx == 0) {
+                wait_stage(ptx::smem_addr(&stage_bars[item_idx % kNumStages]), (item_idx / kNumStages) & 1,
+                           p.num_timeout_cycles, rank);
+                const int sent = state.sent[dst_rank];
+                if (sent - state.head_seen[dst_rank] >= p.num_ring_slots) {
+                    ptx::bulk_commit_group();
+                    ptx::bulk_wait_group<0>();
+                    publish(state.sent);
+                    const int* head_ptr = NvlBufferLayout::head(p.buffer_ptrs[rank], block_idx, dst_rank);
+                    timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
+                        state.head_seen[dst_rank] = ptx::ld_acquire_sys(head_ptr);
+                        const bool is_full = sent - state.head_seen[dst_rank] >= p.num_ring_slots;
+                        if (is_full && is_last_check)
+                            printf(
+                                "hybrid_ep combine timeout: rank %d, block %d waits for peer %d to free a ring "
+                                "slot: expected head > %d, observed %d\n",
+                                rank, block_idx, dst_rank, sent - p.num_ring_slots, state.head_seen[dst_rank]);
+                        return is_full;
+                    });
+                    ptx::fence_proxy_async_global();
+                }
+                const int slot = sent % p.num_ring_slots;
+                const uint32_t stage_addr = ptx::smem_addr(stage);
+                ptx::tma_store_1d(rings.x(p.buffer_ptrs[dst_rank], block_idx, rank, slot), stage_addr, num_row_bytes);
+                ptx::tma_store_1d(rings.meta(p.buffer_ptrs[dst_rank], block_idx, rank, slot),
+                                  stage_addr + num_row_bytes, meta_layout.num_bytes());
+                state.sent[dst_rank] = sent + 1;
+                ptx::bulk_commit_group();
+                for (int d = 0; d < num_ranks; ++d)
+                    history.sent[item_idx % kNumStages][d] = state.sent[d];
+            }
+            __syncwarp();
+        }
+        if (lane_idx == 0) {
+            ptx::bulk_wait_group<0>();
+            publish(state.sent);
+        }
+        num_items_before += num_items;
+        __syncwarp();
+    }
+
+    __syncwarp();
+}
+
+template <int kMaxRanks>
+__device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int block_idx, int reduce_warp_idx) {
+    const int lane_idx = ptx::get_lane_idx();
+    const int rank = p.rank, num_ranks = p.num_ranks;
+    const int num_row_bytes = p.hidden * 2;
+    const CombineMetaLayout meta_layout{p.num_topk};
+    const RingLayout rings{num_ranks, p.num_blocks, p.num_ring_slots, num_row_bytes, meta_layout.num_bytes()};
+    void* local = p.buffer_ptrs[rank];
+    const int num_vectors = p.hidden / 8;
+    const int batch_limit = min(kMaxBatchTokens, p.num_ring_slots);
+
+    int consumed[kMaxRanks];
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r)
+        consumed[r] = 0;
+
+    for (int unit_idx = block_idx; unit_idx < split.num_units; unit_idx += p.num_blocks) {
+        int token_begin, token_end;
+        split.tokens(unit_idx, rank, p.num_channels, token_begin, token_end);
+        for (int batch_begin = token_begin; batch_begin < token_end; batch_begin += batch_limit) {
+            const int num_batch = min(batch_limit, token_end - batch_begin);
+            const int my_token = batch_begin + lane_idx;
+            const bool is_valid = lane_idx < num_batch;
+            unsigned masks[kMaxRanks];
+#pragma unroll
+            for (int r = 0; r < kMaxRanks; ++r)
+                masks[r] =
+                    __ballot_sync(0xffffffff, r < num_ranks && is_valid &&
+                                                  p.is_token_in_rank[static_cast<int64_t>(my_token) * num_ranks + r]);
+            // Wait until every peer's rows of the batch are in its ring.
+            if (lane_idx == 0) {
+#pragma unroll
+                for (int r = 0; r < kMaxRanks; ++r) {
+                    if (r >= num_ranks || r == rank || masks[r] == 0)
+                        continue;
+                    const int expected = consumed[r] + __popc(masks[r]);
+                    const int* tail_ptr = NvlBufferLayout::tail(local, block_idx, r);
+                    timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
+                        const int observed = ptx::ld_acquire_sys(tail_ptr);
+                        if (observed < expected && is_last_check)
+                            printf(
+                                "hybrid_ep combine timeout: rank %d, block %d waits for rows from peer %d: "
+                                "expected tail >= %d, observed %d\n",
+                                rank, block_idx, r, expected, observed);
+                        return observed < expected;
+                    });
+                }
+            }
+            __syncwarp();
+
+            for (int i = reduce_warp_idx; i < num_batch; i += kNumReduceWarps) {
+                const int token_idx = batch_begin + i;
+                const int4* sources[kMaxRanks];
+                const uint8_t* metas[kMaxRanks];
+                int self_row = -1;
+#pragma unroll
+                for (int r = 0; r < kMaxRanks; ++r) {
+                    sources[r] = nullptr;
+                    metas[r] = nullptr;
+                    if (r >= num_ranks || !(masks[r] >> i & 1))
+                        continue;
+                    if (r == rank) {
+                        self_row = p.send_head[static_cast<int64_t>(token_idx) * num_ranks + rank];
+                        sources[r] = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
+                                                                   static_cast<int64_t>(self_row) * num_row_bytes);
+                    } else {
+                        const int slot = (consumed[r] + __popc(masks[r] & ((1u << i) - 1))) % p.num_ring_slots;
+                        sources[r] = reinterpret_cast<const int4*>(rings.x(local, block_idx, r, slot));
+                        metas[r] = rings.meta(local, block_idx, r, slot);
+                    }
+                }
+                const auto* bias_0 = reinterpret_cast<const int4*>(p.bias_0);
+                const auto* bias_1 = reinterpret_cast<const int4*>(p.bias_1);
+                auto* out = reinterpret_cast<int4*>(p.combined_x) + static_cast<int64_t>(token_idx) * num_vectors;
+                // NOTES: kUnroll vectors per lane, every rank's loads issued before the first add: the reduction
+                // is latency-bound otherwise. The adds keep the fixed order bias_0, bias_1, rank 0, 1, ...
+                constexpr int kUnroll = kMaxRanks <= 4 ? 4 : 2;
+                for (int j0 = lane_idx; j0 < num_vectors; j0 += kUnroll * kWarpSize) {
+                    int4 values[kUnroll][kMaxRanks];
+#pragma unroll
+                    for (int u = 0; u < kUnroll; ++u) {
+                        const int j = j0 + u * kWarpSize;
+#pragma unroll
+                        for (int r = 0; r < kMaxRanks; ++r)
+                            if (sources[r] != nullptr && j < num_vectors)
+                                values[u][r] =
+                                    r == rank ? ptx::ld_nc_v4(sources[r] + j) : ptx::ld_cg_v4(sources[r] + j);
+                    }
+#pragma unroll
+                    for (int u = 0; u < kUnroll; ++u) {
+                        const int j = j0 + u * kWarpSize;
+                        if (j >= num_vectors)
+                            break;
+                        float acc[8];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e)
+                            acc[e] = 0.0f;
+                        const int64_t bias_offset = static_cast<int64_t>(token_idx) * num_vectors + j;
+                        if (bias_0 != nullptr)
+                            add_bf16x8(acc, ptx::ld_nc_v4(bias_0 + bias_offset));
+                        if (bias_1 != nullptr)
+                            add_bf16x8(acc, ptx::ld_nc_v4(bias_1 + bias_offset));
+#pragma unroll
+                        for (int r = 0; r < kMaxRanks; ++r)
+                            if (sources[r] != nullptr)
+                                add_bf16x8(acc, values[u][r]);
+                        ptx::st_na_v4(out + j, pack_bf16x8(acc));
+                    }
+                }
+                if (lane_idx < p.num_topk && p.combined_topk_weights != nullptr) {
+                    float acc = 0.0f;
+#pragma unroll
+                    for (int r = 0; r < kMaxRanks; ++r) {
+                        if (sources[r] == nullptr)
+                            continue;
+                        acc += r == rank ? p.topk_weights[static_cast<int64_t>(self_row) * p.num_topk + lane_idx]
+                                         : *reinterpret_cast<const volatile float*>(
+                                               metas[r] + meta_layout.weights_offset() + 4 * lane_idx);
+                    }
+                    p.combined_topk_weights[static_cast<int64_t>(token_idx) * p.num_topk + lane_idx] = acc;
+                }
+                if (lane_idx == 0) {
+#pragma unroll
+                    for (int r = 0; r < kMaxRanks; ++r) {
+                        if (metas[r] == nullptr)
+                            continue;
+                        const int src_idx = ptx::ld_cg(reinterpret_cast<const int*>(metas[r]));
+                        if (src_idx != token_idx) {
+                            printf(
+                                "hybrid_ep combine: rank %d, block %d got the row of token %d from peer %d where "
+                                "token %d was expected (the handle does not match this Buffer's last dispatch?)\n",
+                                rank, block_idx, src_idx, r, token_idx);
+                            ptx::trap();
+                        }
+                    }
+                }
+            }
+
+            // Every warp is done with the batch's slots: free them.
+            ptx::named_barrier_sync(1, kNumReduceWarps * kWarpSize);
+#pragma unroll
+            for (int r = 0; r < kMaxRanks; ++r) {
+                if (r >= num_ranks || r == rank || masks[r] == 0)
+                    continue;
+                consumed[r] += __popc(masks[r]);
+                if (reduce_warp_idx == 0 && lane_idx == 0)
+                    ptx::st_release_sys(NvlBufferLayout::head(p.buffer_ptrs[r], block_idx, rank), consumed[r]);
+            }
+        }
+    }
+}
+
+template <int kMaxRanks, int kNumStages, int kNumPrefetch>
+__global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(const __grid_constant__ CombineParams params) {
+    extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ UnitSplit split;
+    // Every rank's token count, published by notify_combine in this call (tagged with the barrier epoch).
+    if (threadIdx.x < params.num_ranks) {
+        const int epoch = *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]);
+        const int* slot = NvlBufferLayout::notify_slot(params.buffer_ptrs[params.rank], threadIdx.x);
+        timeout_while(params.num_timeout_cycles, [&](bool is_last_check) {
+            const int observed = ptx::ld_acquire_sys(slot + kSlotEpochOffset);
+            if (observed != epoch && is_last_check)
+                printf(
+                    "hybrid_ep combine timeout: rank %d waits for the token count of peer %d: expected epoch %d, "
+                    "observed %d\n",
+                    params.rank, static_cast<int>(threadIdx.x), epoch, observed);
+            return observed != epoch;
+        });
+        split.num_tokens[threadIdx.x] = ptx::ld_cg(slot + kSlotNumTokensOffset);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int max_per_channel = 1;
+        for (int r = 0; r < params.num_ranks; ++r)
+            max_per_channel =
+                max(max_per_channel, (split.num_tokens[r] + params.num_channels - 1) / params.num_channels);
+        const int for_blocks = (params.num_blocks + params.num_channels - 1) / params.num_channels;
+        const int for_rings = (max_per_channel + params.num_ring_slots - 1) / params.num_ring_slots;
+        split.num_parts = max(max(for_blocks, for_rings), 1);
+        split.num_units = params.num_channels * split.num_parts;
+    }
+    __syncthreads();
+
+    const int warp_idx = threadIdx.x / kWarpSize;
+    if (warp_idx == 0)
+        run_sender<kNumStages, kNumPrefetch>(params, split, smem, blockIdx.x);
+    else
+        run_reducer<kMaxRanks>(params, split, blockIdx.x, warp_idx - 1);
+}
+
+}  // namespace
+
+void check_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit) {
+    check_domain(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles);
+    HEP_CHECK(params.num_ranks <= kNumMaxKernelRanks, "combine: at most ", kNumMaxKernelRanks,
+              " ranks per NVLink domain are supported, got ", params.num_ranks);
+    HEP_CHECK(params.num_channels >= 1 && params.num_channels <= kNumMaxChannels,
+              "combine: the handle's channel count must be in [1, ", kNumMaxChannels, "], got ", params.num_channels);
+    HEP_CHECK(params.num_blocks >= 1 && params.num_blocks <= kNumMaxBlocks, "combine: config.num_sms must be in [1, ",
+              kNumMaxBlocks, "], got ", params.num_blocks);
+    HEP_CHECK(params.hidden > 0 && params.hidden % 8 == 0, "combine: hidden must be a positive multiple of 8, got ",
+              params.hidden);
+    HEP_CHECK(params.num_topk >= 0 && params.num_topk <= kNumMaxRingTopk, "combine: num_topk must be in [0, ",
+              kNumMaxRingTopk, "], got ", params.num_topk);
+    HEP_CHECK(params.num_ring_slots >= 1, "combine: config.num_max_nvl_chunked_recv_tokens must be positive");
+    HEP_CHECK(params.num_chunk_tokens >= 1, "combine: config.num_max_nvl_chunked_send_tokens must be positive");
+    const CombineMetaLayout meta_layout{params.num_topk};
+    const RingLayout rings{params.num_ranks, params.num_blocks, params.num_ring_slots, params.hidden * 2,
+                           meta_layout.num_bytes()};
+    HEP_CHECK(rings.num_bytes() <= num_nvl_bytes, "combine: the rings of this config need ", rings.num_bytes(),
+              " bytes of NVLink buffer, but the Buffer has num_nvl_bytes=", num_nvl_bytes,
+              "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)");
+
+    const int stage_bytes = (params.hidden * 2 + meta_layout.num_bytes() + 127) / 128 * 128;
+    HEP_CHECK(2 * stage_bytes + 8 * 1024 <= smem_limit, "combine: a row of ", params.hidden * 2,
+              " bytes is too wide for shared memory (", smem_limit, " bytes per block)");
+}
+
+void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit, cudaStream_t stream) {
+    check_combine(params, num_nvl_bytes, smem_limit);
+    const CombineMetaLayout meta_layout{params.num_topk};
+    const int stage_bytes = (params.hidden * 2 + meta_layout.num_bytes() + 127) / 128 * 128;
+    const int static_smem = 8 * 1024;
+    const auto launch = [&](auto kernel, int num_stages) {
+        const size_t smem = static_cast<size_t>(num_stages) * stage_bytes;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        kernel<<<params.num_blocks, kNumThreads, smem, stream>>>(params);
+    };
+    const auto launch_ranks = [&](auto ranks_tag) {
+        constexpr int kMaxRanks = decltype(ranks_tag)::value;
+        if (8 * stage_bytes + static_smem <= smem_limit)
+            launch(combine_kernel<kMaxRanks, 8, 3>, 8);
+        else if (4 * stage_bytes + static_smem <= smem_limit)
+            launch(combine_kernel<kMaxRanks, 4, 2>, 4);
+        else if (2 * stage_bytes + static_smem <= smem_limit)
+            launch(combine_kernel<kMaxRanks, 2, 1>, 2);
+        else
+            HEP_CHECK(false, "combine: a row of ", params.hidden * 2, " bytes is too wide for shared memory (",
+                      smem_limit, " bytes per block)");
+    };
+    if (params.num_ranks <= 2)
+        launch_ranks(std::integral_constant<int, 2>{});
+    else if (params.num_ranks <= 4)
+        launch_ranks(std::integral_constant<int, 4>{});
+    else
+        launch_ranks(std::integral_constant<int, 8>{});
+    CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace hybrid_ep::kernels

@@ -12,6 +12,16 @@ from cases import Scenario, align, cpu, dispatch_routed, expected_combine, expec
 from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
 
 
+def make_buffer(pg: ProcessGroupInfo) -> hybrid_ep.Buffer:
+    """Returns: a Buffer over pg; over NCCL with an NVLink buffer, so CUDA calls run the kernels."""
+    num_nvl_bytes = 0
+    if pg.backend == "nccl" and hybrid_ep.has_extension():
+        R = pg.world_size
+        configs = (hybrid_ep.Buffer.get_dispatch_config(R), hybrid_ep.Buffer.get_combine_config(R))
+        num_nvl_bytes = max(c.get_nvl_buffer_size_hint(1024 * 2, R) for c in configs)
+    return hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_nvl_bytes)
+
+
 def scenarios(num_ranks: int) -> list[Scenario]:
     R = num_ranks
     many = [13 + 5 * r for r in range(R)]
@@ -56,7 +66,7 @@ def _check_layout(buffer, pg, s, inp, exp) -> None:
 
 def run_scenarios(pg: ProcessGroupInfo) -> None:
     R, me = pg.world_size, pg.rank
-    buffer = hybrid_ep.Buffer(pg.group)
+    buffer = make_buffer(pg)
     for s in scenarios(R):
         host_inp = make_inputs(s, R)
         exp = expected_for_rank(s, host_inp, me, R)
@@ -121,7 +131,7 @@ def to_device_handle(handle: tuple, device: torch.device) -> tuple:
 
 def run_worst_tokens(pg: ProcessGroupInfo) -> None:
     R, me = pg.world_size, pg.rank
-    buffer = hybrid_ep.Buffer(pg.group)
+    buffer = make_buffer(pg)
     s = Scenario("worst", [9 + r for r in range(R)], hidden=64, num_experts=4 * R, num_topk=3, seed=31, routing="holes")
     inp = make_inputs(s, R)
     exp = expected_for_rank(s, inp, me, R)
@@ -147,7 +157,7 @@ def run_worst_tokens(pg: ProcessGroupInfo) -> None:
 def run_events(pg: ProcessGroupInfo) -> None:
     """previous_event / async_finish / allocate_on_comm_stream are accepted on the CPU backend as in DeepEP."""
     R, me = pg.world_size, pg.rank
-    buffer = hybrid_ep.Buffer(pg.group)
+    buffer = make_buffer(pg)
     s = Scenario("events", [7] * R, hidden=32, num_experts=2 * R, num_topk=2, seed=41)
     inp = make_inputs(s, R)
     exp = expected_for_rank(s, inp, me, R)
@@ -178,7 +188,7 @@ def run_size_one_strides(pg: ProcessGroupInfo) -> None:
     """Top-1 routing whose [N, 1] tensors carry stride 0 in the size-1 dimension (still contiguous, as a device copy
     can produce): dispatch and combine must treat them like any other."""
     R, me = pg.world_size, pg.rank
-    buffer = hybrid_ep.Buffer(pg.group)
+    buffer = make_buffer(pg)
     s = Scenario("top1_strides", [10 + r for r in range(R)], hidden=32, num_experts=2 * R, num_topk=1, seed=51)
     inp = make_inputs(s, R)
     exp = expected_for_rank(s, inp, me, R)

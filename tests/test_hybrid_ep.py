@@ -3,9 +3,10 @@
     python tests/test_hybrid_ep.py --num-processes 4
 
 On GPUs (NCCL, one process per GPU) it runs the standard workload of 4096 tokens per rank, hidden 7168, top-8 of
-256 experts, and times an NCCL all_to_all_single of the same rows in the same run. Without GPUs it runs small sizes
-on 4 gloo ranks. Bandwidth is counted as DeepEP counts it: bytes of all rows a rank receives (its own included)
-divided by the time of one call, as seen by rank 0.
+256 experts, with the NVLink buffer sized for every Config it uses, and times an NCCL all_to_all_single of the same
+rows in the same run; `--sm-sweep` (default 8,12,16,20,24 on GPUs) repeats dispatch and combine at each SM count.
+Without GPUs it runs small sizes on 4 gloo ranks. Bandwidth is counted as DeepEP counts it: bytes of all rows a rank
+receives (its own included) divided by the time of one call, as seen by rank 0. Labels on GPUs name the SM count.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hybrid_ep  # noqa: E402
+from hybrid_ep import Config  # noqa: E402
 
 from cases import Scenario, dispatch_routed, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
 from distributed import ProcessGroupInfo, parallel_launch  # noqa: E402
@@ -66,6 +68,21 @@ def make_routing(args: argparse.Namespace, rank: int, device: torch.device) -> t
         boost = torch.rand(args.num_tokens, 1, generator=g, device=device) < fraction
         scores[:, :hot] += boost.float() * 10
     return scores.topk(args.num_topk, dim=1).indices.to(torch.int64).contiguous()
+
+
+# The widest hidden size of the correctness pass (the NVLink buffer must fit it too).
+CORRECTNESS_MAX_HIDDEN = 512
+
+
+def with_num_sms(config: Config, num_sms: int) -> Config:
+    """Returns: `config` with `num_sms` SMs and the same chunk sizes."""
+    return Config(
+        num_sms,
+        config.num_max_nvl_chunked_send_tokens,
+        config.num_max_nvl_chunked_recv_tokens,
+        config.num_max_rdma_chunked_send_tokens,
+        config.num_max_rdma_chunked_recv_tokens,
+    )
 
 
 def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Callable[[str], None]) -> None:
@@ -114,12 +131,24 @@ def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Calla
 def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     R, me, device = pg.world_size, pg.rank, pg.device
     log = print if me == 0 else (lambda *_: None)
-    buffer = hybrid_ep.Buffer(pg.group, explicitly_destroy=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    on_gpu = device.type == "cuda"
+    dispatch_config = hybrid_ep.Buffer.get_dispatch_config(R)
+    combine_config = hybrid_ep.Buffer.get_combine_config(R)
+    sweep_configs = [(with_num_sms(dispatch_config, s), with_num_sms(combine_config, s)) for s in args.sm_sweep]
+    configs = [dispatch_config, combine_config] + [c for pair in sweep_configs for c in pair]
+    num_nvl_bytes = 0
+    if on_gpu and hybrid_ep.has_extension():
+        # Every config this run uses (the correctness pass uses the defaults), at the widest row.
+        hidden_bytes = max(args.hidden, CORRECTNESS_MAX_HIDDEN) * 2
+        num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, R) for c in configs)
+    buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True)
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     log(
         f"[setup] {R} ranks, backend {pg.backend}, device {device_name}, hybrid_ep {hybrid_ep.__version__}, "
         f"extension: {hybrid_ep.build_info()['extension']}"
     )
+    if num_nvl_bytes > 0:
+        log(f"[setup] num_nvl_bytes {num_nvl_bytes / 2**20:.1f} MiB: the largest hint of {len(configs)} configs")
     if not args.skip_check:
         check_correctness(pg, buffer, log)
 
@@ -142,14 +171,14 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     x = torch.randn(args.num_tokens, args.hidden, generator=g, device=device).to(torch.bfloat16)
     topk_weights = torch.rand(args.num_tokens, args.num_topk, generator=g, device=device)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
-    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
-        x,
+    layout = dict(
         num_tokens_per_rank=per_rank,
         is_token_in_rank=in_rank,
         num_tokens_per_expert=per_expert,
         topk_idx=topk_idx,
         topk_weights=topk_weights,
     )
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, **layout, config=dispatch_config)
     num_recv = recv_x.size(0)
     bf16_bytes = num_recv * args.hidden * 2
     fp8_bytes = num_recv * (args.hidden + args.hidden // 128 * 4)
@@ -161,11 +190,12 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
 
     results: dict[str, Any] = {}
 
-    def report(label: str, num_bytes: int, t: tuple[float, float, float]) -> None:
+    def report(label: str, num_bytes: int, t: tuple[float, float, float], config: Config | None = None) -> dict:
+        """Logs and returns the figures of one benchmark (a collective: every rank calls it)."""
         mean = torch.tensor([t[0]], dtype=torch.float64, device=device)
         everyone = [torch.zeros_like(mean) for _ in range(R)]
         dist.all_gather(everyone, mean, group=pg.group)
-        results[label] = dict(
+        entry = dict(
             gbps=num_bytes / 1e9 / t[0],
             time_us=t[0] * 1e6,
             min_us=t[1] * 1e6,
@@ -173,32 +203,82 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
             bytes=num_bytes,
             rank_time_us=[float(v) * 1e6 for v in everyone],
         )
+        if on_gpu and config is not None:
+            entry["num_sms"] = config.num_sms
         log(
             f"[bench] {label}: {num_bytes / 1e9 / t[0]:.2f} GB/s, t: {t[0] * 1e6:.1f} us "
             f"[min {t[1] * 1e6:.1f}, max {t[2] * 1e6:.1f}], {num_bytes / 1e6:.2f} MB received by rank 0"
         )
+        return entry
+
+    def labelled(label: str, config: Config) -> str:
+        """Returns: `label` with the SM count on GPUs, e.g. "combine BF16 (20 SMs)", "dispatch BF16 (cached
+        handle, 20 SMs)"; unchanged on the CPU, where the reference ignores it."""
+        if not on_gpu:
+            return label
+        if label.endswith(")"):
+            return f"{label[:-1]}, {config.num_sms} SMs)"
+        return f"{label} ({config.num_sms} SMs)"
+
+    def record(label: str, num_bytes: int, t: tuple[float, float, float], config: Config) -> None:
+        label = labelled(label, config)
+        results[label] = report(label, num_bytes, t, config)
 
     t = bench(lambda: buffer.get_dispatch_layout(topk_idx, args.num_experts), **timing)
     log(f"[bench] layout: t: {t[0] * 1e6:.1f} us")
     results["layout"] = dict(time_us=t[0] * 1e6)
-    report("dispatch BF16 (cached handle)", bf16_bytes, bench(lambda: buffer.dispatch(x, handle=handle), **timing))
-    report("dispatch FP8 (cached handle)", fp8_bytes, bench(lambda: buffer.dispatch(x_fp8, handle=handle), **timing))
-    report(
+
+    def dispatch_cached(x_in: Any, cached_handle: tuple, config: Config) -> Any:
+        return buffer.dispatch(x_in, handle=cached_handle, config=config)
+
+    record(
+        "dispatch BF16 (cached handle)",
+        bf16_bytes,
+        bench(lambda: dispatch_cached(x, handle, dispatch_config), **timing),
+        dispatch_config,
+    )
+    record(
+        "dispatch FP8 (cached handle)",
+        fp8_bytes,
+        bench(lambda: dispatch_cached(x_fp8, handle, dispatch_config), **timing),
+        dispatch_config,
+    )
+    record(
         "dispatch BF16 (with layout)",
         bf16_bytes,
-        bench(
-            lambda: buffer.dispatch(
-                x,
-                num_tokens_per_rank=per_rank,
-                is_token_in_rank=in_rank,
-                num_tokens_per_expert=per_expert,
-                topk_idx=topk_idx,
-                topk_weights=topk_weights,
-            ),
-            **timing,
-        ),
+        bench(lambda: buffer.dispatch(x, **layout, config=dispatch_config), **timing),
+        dispatch_config,
     )
-    report("combine BF16", bf16_bytes, bench(lambda: buffer.combine(recv_x, handle, topk_weights=recv_w), **timing))
+    record(
+        "combine BF16",
+        bf16_bytes,
+        bench(lambda: buffer.combine(recv_x, handle, topk_weights=recv_w, config=combine_config), **timing),
+        combine_config,
+    )
+
+    # The same calls at each SM count: the recommended chunk sizes with num_sms replaced; combine needs the handle
+    # of a dispatch with as many SMs (channels).
+    sweep = []
+    for sweep_dispatch, sweep_combine in sweep_configs:
+        sweep_recv_x, _, sweep_recv_w, _, sweep_handle, _ = buffer.dispatch(x, **layout, config=sweep_dispatch)
+        num_sms = sweep_dispatch.num_sms
+        assert torch.equal(sweep_recv_x.view(torch.int16), recv_x.view(torch.int16)), f"recv_x with {num_sms} SMs"
+        dispatch_t = bench(lambda: dispatch_cached(x, sweep_handle, sweep_dispatch), **timing)
+        combine_t = bench(
+            lambda: buffer.combine(sweep_recv_x, sweep_handle, topk_weights=sweep_recv_w, config=sweep_combine),
+            **timing,
+        )
+        sweep.append(
+            {
+                "num_sms": num_sms,
+                "dispatch BF16 (cached handle)": report(
+                    f"SM sweep: dispatch BF16 (cached handle, {num_sms} SMs)", bf16_bytes, dispatch_t, sweep_dispatch
+                ),
+                "combine BF16": report(f"SM sweep: combine BF16 ({num_sms} SMs)", bf16_bytes, combine_t, sweep_combine),
+            }
+        )
+    if sweep:
+        results["sm_sweep"] = sweep
 
     if device.type == "cuda":
         # The same rows moved by NCCL alone: tokens pre-permuted by destination rank.
@@ -210,16 +290,18 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
         dist.all_gather(all_counts, counts, group=pg.group)
         recv_counts = [int(c[me]) for c in all_counts]
         recv = torch.empty(sum(recv_counts), args.hidden, dtype=torch.bfloat16, device=device)
-        report(
-            "NCCL all_to_all_single, same rows",
+        label = "NCCL all_to_all_single, same rows"
+        results[label] = report(
+            label,
             bf16_bytes,
             bench(lambda: dist.all_to_all_single(recv, send, recv_counts, send_counts, group=pg.group), **timing),
         )
         # DeepEP's anchor figure: every (token, expert) pair as a row.
         pairs = x.repeat_interleave(args.num_topk, dim=0)
         pair_out = torch.empty_like(pairs)
-        report(
-            "NCCL all_to_all_single, one row per (token, expert)",
+        label = "NCCL all_to_all_single, one row per (token, expert)"
+        results[label] = report(
+            label,
             pairs.numel() * 2,
             bench(lambda: dist.all_to_all_single(pair_out, pairs, group=pg.group), **timing),
         )
@@ -252,6 +334,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-experts", type=int, default=None, help="global experts (256 on GPUs, 8 per rank on CPUs)"
     )
     parser.add_argument("--routing", default="uniform", help="uniform, or skewed:F (fraction F goes to rank 0)")
+    parser.add_argument(
+        "--sm-sweep",
+        default=None,
+        help="comma-separated even SM counts at which to repeat dispatch BF16 and combine (default 8,12,16,20,24 on "
+        "GPUs, none on CPUs; 'none' turns it off)",
+    )
     parser.add_argument("--num-warmups", type=int, default=None)
     parser.add_argument("--num-tests", type=int, default=None)
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness pass")
@@ -276,6 +364,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.sm_sweep is None:
+        args.sm_sweep = "8,12,16,20,24" if on_gpu else ""
+    sm_sweep = args.sm_sweep.strip().lower()
+    try:
+        args.sm_sweep = [int(v) for v in sm_sweep.split(",")] if sm_sweep not in ("", "none") else []
+    except ValueError:
+        parser.error(f"--sm-sweep {sm_sweep!r}: expected comma-separated ints, e.g. 8,12,16")
+    for num_sms in args.sm_sweep:
+        if num_sms < 2 or num_sms % 2 != 0:
+            parser.error(f"--sm-sweep: {num_sms} SMs must be even and at least 2 (blocks work in pairs)")
     if args.num_experts % args.num_processes != 0:
         parser.error(f"--num-experts {args.num_experts} must be divisible by --num-processes {args.num_processes}")
     if args.hidden % 128 != 0:

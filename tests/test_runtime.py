@@ -89,14 +89,15 @@ def run_notify(pg: ProcessGroupInfo) -> None:
         inp = to_device(make_inputs(s, R), pg.device)
         num_channels, alignment = 1 + i % 12, 1 + i % 4
         layout = layout_kwargs(buffer, inp.topk_idx[me], s.num_experts)
-        rank_prefix, channel_prefix, per_expert = buffer.runtime.notify_dispatch(
+        rank_prefix, channel_prefix, recv_channel_prefix, send_head, per_expert = buffer.runtime.notify_dispatch(
             layout["num_tokens_per_rank"],
             layout["num_tokens_per_expert"],
             layout["is_token_in_rank"],
             num_channels,
             alignment,
         )
-        num_recv, per_expert_host = buffer.runtime.wait_recv_counts(s.num_experts // R)
+        num_recv, per_expert_host, overflow = buffer.runtime.wait_recv_counts(s.num_experts // R)
+        assert overflow[0] == -1, (i, overflow)
         _, _, _, ref_counts, ref_handle = hybrid_ep.reference.dispatch(
             inp.x[me],
             group=pg.group,
@@ -108,6 +109,8 @@ def run_notify(pg: ProcessGroupInfo) -> None:
         )
         assert torch.equal(rank_prefix, ref_handle[0]), (i, rank_prefix, ref_handle[0])
         assert torch.equal(channel_prefix, ref_handle[1]), (i, channel_prefix, ref_handle[1])
+        assert torch.equal(recv_channel_prefix, ref_handle[2]), (i, recv_channel_prefix, ref_handle[2])
+        assert torch.equal(send_head, ref_handle[5]), (i, send_head, ref_handle[5])
         assert num_recv == ref_handle[3].numel(), (i, num_recv)
         assert per_expert_host == ref_counts and per_expert.tolist() == ref_counts, (i, per_expert_host, ref_counts)
     buffer.destroy()

@@ -559,19 +559,16 @@ class Buffer:
 
             return run_cached
 
-        num_experts = checks.check_layout(
+        num_experts = checks.check_dispatch_routing(
             num_tokens=num_tokens,
             num_ranks=num_ranks,
             device=device,
             num_tokens_per_rank=num_tokens_per_rank,
             is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_tokens_per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
         )
-        if (topk_idx is None) != (topk_weights is None):
-            raise ValueError("topk_idx and topk_weights must be given together (or both None)")
-        if topk_idx is not None:
-            checks.check_topk_idx(topk_idx, num_experts=num_experts, num_tokens=num_tokens, device=device)
-            checks.check_topk_weights(topk_weights, topk_idx)
         num_channels = config.num_channels
         self._check_nvl_bytes(config, hidden_bytes, num_channels)
         num_local_experts = num_experts // num_ranks

@@ -190,3 +190,34 @@ def check_layout(
                 f"is_token_in_rank {counted.tolist()}"
             )
     return num_experts
+
+
+def check_dispatch_routing(
+    *,
+    num_tokens: int,
+    num_ranks: int,
+    device: torch.device,
+    num_tokens_per_rank: Any,
+    is_token_in_rank: Any,
+    num_tokens_per_expert: Any,
+    topk_idx: Any,
+    topk_weights: Any,
+) -> int:
+    """Checks the layout tensors and the optional top-k pair of a non-cached dispatch (ValueError naming the argument).
+
+    Returns: the global number of experts, `num_tokens_per_expert.size(0)`.
+    """
+    num_experts = check_layout(
+        num_tokens=num_tokens,
+        num_ranks=num_ranks,
+        device=device,
+        num_tokens_per_rank=num_tokens_per_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+    )
+    if (topk_idx is None) != (topk_weights is None):
+        raise ValueError("topk_idx and topk_weights must be given together (or both None)")
+    if topk_idx is not None:
+        check_topk_idx(topk_idx, num_experts=num_experts, num_tokens=num_tokens, device=device)
+        check_topk_weights(topk_weights, topk_idx)
+    return num_experts

@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import _ext, checks, envs, reference
-from .config import Config, recommended_config
+from . import _ext, checks, envs, reference, tuned
+from .config import Config
 from .event import EventHandle, EventOverlap
 
 _NOT_YET = "is not implemented yet in hybrid_ep"
@@ -154,13 +154,15 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """Returns: the recommended dispatch `Config` for `num_ranks` ranks, with `Buffer.num_sms` SMs."""
-        return recommended_config("dispatch", num_ranks, Buffer.num_sms)
+        """Returns: the dispatch `Config` for `num_ranks` ranks with `Buffer.num_sms` SMs: tuned where a results
+        file of `python -m hybrid_ep.tune` is found (see `hybrid_ep.tuned`), else the built-in one."""
+        return tuned.config_for("dispatch", num_ranks, Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """Returns: the recommended combine `Config` for `num_ranks` ranks, with `Buffer.num_sms` SMs."""
-        return recommended_config("combine", num_ranks, Buffer.num_sms)
+        """Returns: the combine `Config` for `num_ranks` ranks with `Buffer.num_sms` SMs: tuned where a results
+        file of `python -m hybrid_ep.tune` is found (see `hybrid_ep.tuned`), else the built-in one."""
+        return tuned.config_for("combine", num_ranks, Buffer.num_sms)
 
     def get_comm_stream(self) -> torch.cuda.Stream:
         """Returns: the Buffer's communication stream (a high-priority CUDA stream)."""
@@ -667,7 +669,7 @@ class Buffer:
 
     def _check_config(self, config: Optional[Config], op: str) -> Config:
         if config is None:
-            return recommended_config(op, self.group_size, Buffer.num_sms)
+            return tuned.config_for(op, self.group_size, Buffer.num_sms)
         if not isinstance(config, Config):
             raise TypeError(f"config must be a hybrid_ep.Config, got {checks.describe(config)}")
         return config.validate()

@@ -68,3 +68,28 @@ def topo_file() -> str | None:
     HYBRID_EP_TOPO_DUMP_FILE, or by hand) instead of probing NVML."""
     raw = os.environ.get("HYBRID_EP_TOPO_FILE")
     return raw if raw is not None and raw.strip() != "" else None
+
+
+# Values of HYBRID_EP_TUNED_CONFIG that turn tuned files off (the built-in table only).
+_TUNED_OFF = {"0", "false", "no", "off"}
+
+
+def tuned_config() -> str | None:
+    """HYBRID_EP_TUNED_CONFIG (default unset): a tuner results file (`results_ep<N>.json`) or a directory of them,
+    read by `Buffer.get_dispatch_config` / `get_combine_config`. Returns: the path; "" when the variable turns
+    tuned files off (0/false/no/off); None when unset or empty (the per-user cache is used)."""
+    raw = os.environ.get("HYBRID_EP_TUNED_CONFIG")
+    if raw is None or raw.strip() == "":
+        return None
+    if raw.strip().lower() in _TUNED_OFF:
+        return ""
+    return os.path.expanduser(raw.strip())
+
+
+def cache_dir() -> str:
+    """The per-user cache directory of hybrid_ep: `$XDG_CACHE_HOME/hybrid_ep`, or `~/.cache/hybrid_ep` when
+    XDG_CACHE_HOME is unset or empty. The tuner installs its results there (`--install`)."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if not base:
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hybrid_ep")

@@ -1,0 +1,114 @@
+"""Starts one process per rank on this host for the package's command-line tools (`hybrid_ep.bench`,
+`hybrid_ep.tune`): `parallel_launch(num_ranks, worker, *args, backend=...)`.
+
+Each process joins a fresh process group (NCCL with one GPU per rank, or gloo on the CPU) and runs
+`worker(pg, *args)`, `pg` a `ProcessGroupInfo`. A failure in any rank fails the launch with that rank's traceback;
+a launch that outlives its timeout is killed and fails, so no run waits forever on a peer. `worker` must be a
+module-level function (processes are spawned, so it is pickled by name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# How long a rank may wait in a host-side collective before it fails.
+COLLECTIVE_TIMEOUT_S = 300
+
+
+@dataclasses.dataclass
+class ProcessGroupInfo:
+    """What a worker knows about its place in the launch.
+
+    Arguments:
+        rank: this process's rank.
+        world_size: number of ranks.
+        group: the process group of all ranks.
+        device: `cuda:<rank>` under NCCL, else the CPU.
+        backend: "nccl" or "gloo".
+    """
+
+    rank: int
+    world_size: int
+    group: dist.ProcessGroup
+    device: torch.device
+    backend: str
+
+
+def num_gpus() -> int:
+    """Returns: the CUDA devices torch sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pick_backend(backend: str, num_ranks: int) -> str:
+    """Returns: "nccl" or "gloo"; "auto" is NCCL when there is a GPU per rank, else gloo. Raises ValueError when
+    NCCL is asked for without a GPU per rank."""
+    gpus = num_gpus()
+    if backend == "auto":
+        return "nccl" if 0 < num_ranks <= gpus else "gloo"
+    if backend == "nccl" and num_ranks > gpus:
+        raise ValueError(f"backend nccl needs one GPU per rank: {num_ranks} ranks, {gpus} GPUs")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend {backend!r}: expected auto, nccl or gloo")
+    return backend
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        # NOTES: one thread per rank, so N gloo ranks do not fight over the cores.
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    dist.init_process_group(
+        backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        device_id=device if backend == "nccl" else None,
+    )
+    try:
+        fn(ProcessGroupInfo(rank, world_size, dist.group.WORLD, device, backend), *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def parallel_launch(
+    num_ranks: int, fn: Callable[..., Any], *args: Any, backend: str = "gloo", timeout_s: float = 1800
+) -> None:
+    """Runs `fn(pg, *args)` on `num_ranks` spawned processes; raises if any rank fails or the launch outlives
+    `timeout_s` seconds (every process is then killed)."""
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks={num_ranks} must be >= 1")
+    context = mp.start_processes(
+        _worker,
+        args=(num_ranks, _free_port(), backend, fn, args),
+        nprocs=num_ranks,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{num_ranks} ranks of {fn.__name__} did not finish within {timeout_s} s")

@@ -21,6 +21,7 @@ nothing about speed. A sweep that reaches its time budget stops early and says s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -122,11 +123,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check_workload_arguments(parser, args, cpu_tokens=CPU_TOKENS, cpu_hidden=CPU_HIDDEN, fp8=True)
     sweep = SWEEPS[args.mode] if args.backend == "nccl" else CPU_SWEEP
     changes: dict[str, Any] = {}
-    for name, field in (("num_warmups", "num_warmups"), ("num_iterations", "num_tests"), ("time_budget", "budget_s")):
+    for name, field, minimum in (
+        ("num_warmups", "num_warmups", 0),
+        ("num_iterations", "num_tests", 1),
+        ("time_budget", "budget_s", 1),
+    ):
         value = getattr(args, name)
         if value is not None:
-            if value < (1 if name == "num_iterations" else 0) or (name == "time_budget" and value <= 0):
-                parser.error(f"argument --{name.replace('_', '-')}: {value} is out of range")
+            if value < minimum:
+                parser.error(f"argument --{name.replace('_', '-')}: {value} must be >= {minimum}")
             changes[field] = value
     args.sweep = dataclasses.replace(sweep, **changes)
     return args
@@ -227,47 +232,57 @@ def _tune_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace) -> None:
 
     records: list[dict[str, Any]] = []
     stopped: list[str] = []
-    log_file = open(log_path(args.output_dir, num_ranks), "w") if rank == 0 else None
     start = time.monotonic()
-    for op_idx, op in enumerate(tuned.OPS):
-        deadline = start + sweep.budget_s * (op_idx + 1) / len(tuned.OPS)
-        bar = ProgressBar(f"[tune] {op:<13}", len(points), enabled=rank == 0)
-        best: Optional[Point] = None
-        for point in points:
-            point_config = config(op, point)
-            try:
-                ok = _same(calls[op](point_config), expected[op])
-                t = time_calls(lambda: calls[op](point_config), device, sweep.num_warmups, sweep.num_tests)
-                result = Point(
-                    op, point_config, ok, None if ok else "outputs differ from the first point's",
-                    num_bytes[op] / t.mean_s / 1e9, t.mean_s * 1e6, t.min_s * 1e6, t.max_s * 1e6,
-                )  # fmt: skip
-            except (ValueError, RuntimeError) as exc:
-                # Raised by the checks before any communication, on every rank alike.
-                result = Point(op, point_config, False, f"{type(exc).__name__}: {exc}", 0.0, 0.0, 0.0, 0.0)
-            # Every rank agrees on a failed check, and on rank 0's decision to stop at the deadline.
-            flags = torch.tensor([0 if result.ok else 1, int(rank == 0 and time.monotonic() > deadline)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=pg.group)
-            if flags[0] and result.ok:
-                result.ok, result.error = False, "outputs differ from the first point's on another rank"
-            record = result.record(num_bytes[op], time.monotonic() - start)
-            records.append(record)
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if result.ok and (best is None or result.gbps > best.gbps):
-                best = result
-            note = f"best {best.gbps:.1f} GB/s at {_describe(best.config)}" if best is not None else ""
-            bar.update(note=note)
-            if flags[1]:
-                stopped.append(op)
-                break
-        bar.close(f"stopped at the time budget after {bar.done} of {len(points)} points" if op in stopped else "")
-    if log_file is not None:
-        log_file.close()
+    with open(log_path(args.output_dir, num_ranks), "w") if rank == 0 else contextlib.nullcontext() as log_file:
+        for op_idx, op in enumerate(tuned.OPS):
+            deadline = start + sweep.budget_s * (op_idx + 1) / len(tuned.OPS)
+            bar = ProgressBar(f"[tune] {op:<13}", len(points), enabled=rank == 0)
+            best: Optional[Point] = None
+            for point in points:
+                result = _run_point(op, config(op, point), calls[op], expected[op], num_bytes[op], device, sweep)
+                # Every rank agrees on a failed check, and on rank 0's decision to stop at the deadline.
+                flags = torch.tensor(
+                    [0 if result.ok else 1, int(rank == 0 and time.monotonic() > deadline)], device=device
+                )
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=pg.group)
+                if flags[0] and result.ok:
+                    result.ok, result.error = False, "outputs differ from the first point's on another rank"
+                record = result.record(num_bytes[op], time.monotonic() - start)
+                records.append(record)
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if result.ok and (best is None or result.gbps > best.gbps):
+                    best = result
+                bar.update(note=f"best {best.gbps:.1f} GB/s at {_describe(best.config)}" if best is not None else "")
+                if flags[1]:
+                    stopped.append(op)
+                    break
+            bar.close(f"stopped at the time budget after {bar.done} of {len(points)} points" if op in stopped else "")
     buffer.destroy()
     if rank == 0:
         _write_results(args, num_ranks, device_name, kernels, records, stopped, len(points))
+
+
+def _run_point(
+    op: str,
+    config: Config,
+    call: Callable[[Config], Any],
+    expected: Any,
+    num_bytes: int,
+    device: torch.device,
+    sweep: Sweep,
+) -> Point:
+    """Checks one point's outputs against `expected`, then times it. Returns: its Point (not ok, with the reason,
+    when the outputs differ or the call's checks reject the config)."""
+    try:
+        ok = _same(call(config), expected)
+        t = time_calls(lambda: call(config), device, sweep.num_warmups, sweep.num_tests)
+    except (ValueError, RuntimeError) as exc:
+        # Raised by the checks before any communication, on every rank alike.
+        return Point(op, config, False, f"{type(exc).__name__}: {exc}", 0.0, 0.0, 0.0, 0.0)
+    error = None if ok else "outputs differ from the first point's"
+    return Point(op, config, ok, error, num_bytes / t.mean_s / 1e9, t.mean_s * 1e6, t.min_s * 1e6, t.max_s * 1e6)
 
 
 def _describe(config: Config) -> str:

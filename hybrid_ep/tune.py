@@ -216,13 +216,21 @@ def _tune_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace) -> None:
 
     # One handle per SM count (a cached dispatch runs on its handle's channels), and the outputs of the first
     # point, which every other point must reproduce.
+    # An SM count whose dispatch the checks reject (on every rank alike, before any communication) is left out.
     handles: dict[int, tuple] = {}
     recv_x = recv_w = None
     for point in points:
         if point[0] not in handles:
-            recv_x, _, recv_w, _, handles[point[0]], _ = buffer.dispatch(
-                inputs.x, **layout, config=config("dispatch_bf16", point)
-            )
+            try:
+                recv_x, _, recv_w, _, handles[point[0]], _ = buffer.dispatch(
+                    inputs.x, **layout, config=config("dispatch_bf16", point)
+                )
+            except (ValueError, RuntimeError) as exc:
+                log(f"[tune] {point[0]} SMs left out: {type(exc).__name__}: {exc}", flush=True)
+                handles[point[0]] = ()
+    points = [p for p in points if handles[p[0]]]
+    if not points:
+        raise RuntimeError("no SM count of the sweep could run a dispatch; see the messages above")
     calls: dict[str, Callable[[Config], Any]] = {
         "dispatch_bf16": lambda c: buffer.dispatch(inputs.x, handle=handles[c.num_sms], config=c)[0],
         "dispatch_fp8": lambda c: buffer.dispatch(inputs.x_fp8, handle=handles[c.num_sms], config=c)[0],

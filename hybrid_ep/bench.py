@@ -445,7 +445,7 @@ def result_row(
         "time_max_us": timing.max_s * 1e6,
         "bytes": int(bytes_per_rank[0]),
         "simple_nvl_bw": per_rank_bw[0],
-        # Every rank of a launch shares one NVLink domain: no row crosses the network.
+        # Every rank of a launch is on this host: no row crosses the network.
         "simple_rdma_bw": 0.0,
         "global_bw": sum(bytes_per_rank) / times[0] / 1e9,
         "bus_bw_avg": sum(per_rank_bw) / len(per_rank_bw),

@@ -4,7 +4,8 @@
 Each process joins a fresh process group (NCCL with one GPU per rank, or gloo on the CPU) and runs
 `worker(pg, *args)`, `pg` a `ProcessGroupInfo`. A failure in any rank fails the launch with that rank's traceback;
 a launch that outlives its timeout is killed and fails, so no run waits forever on a peer. `worker` must be a
-module-level function (processes are spawned, so it is pickled by name).
+module-level function (processes are spawned, so it is pickled by name). The multi-process tests launch through
+here too (tests/distributed.py), with shorter timeouts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import datetime
 import os
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -67,21 +68,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    collective_timeout_s: float,
+    num_threads: Optional[int],
+    fn: Callable,
+    args: tuple,
+) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    if num_threads is None and backend == "gloo":
+        # NOTES: one thread per rank, so N gloo ranks do not fight over the cores.
+        num_threads = 1
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
     else:
-        # NOTES: one thread per rank, so N gloo ranks do not fight over the cores.
-        torch.set_num_threads(1)
         device = torch.device("cpu")
     dist.init_process_group(
         backend,
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=collective_timeout_s),
         device_id=device if backend == "nccl" else None,
     )
     try:
@@ -92,15 +105,28 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
 
 
 def parallel_launch(
-    num_ranks: int, fn: Callable[..., Any], *args: Any, backend: str = "gloo", timeout_s: float = 1800
+    num_ranks: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 1800,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+    num_threads: Optional[int] = None,
 ) -> None:
     """Runs `fn(pg, *args)` on `num_ranks` spawned processes; raises if any rank fails or the launch outlives
-    `timeout_s` seconds (every process is then killed)."""
+    `timeout_s` seconds (every process is then killed).
+
+    Arguments:
+        backend: "nccl" (one GPU per rank) or "gloo" (the CPU).
+        timeout_s: seconds the whole launch may take.
+        collective_timeout_s: seconds a rank may wait in a host-side collective before it fails.
+        num_threads: torch's CPU threads per rank; None is 1 under gloo and torch's default under NCCL.
+    """
     if num_ranks < 1:
         raise ValueError(f"num_ranks={num_ranks} must be >= 1")
     context = mp.start_processes(
         _worker,
-        args=(num_ranks, _free_port(), backend, fn, args),
+        args=(num_ranks, _free_port(), backend, collective_timeout_s, num_threads, fn, args),
         nprocs=num_ranks,
         join=False,
         start_method="spawn",

@@ -25,14 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hybrid_ep  # noqa: E402
 from hybrid_ep import Config  # noqa: E402
+from hybrid_ep.bench import gather_floats, nvl_bytes_for  # noqa: E402
+from hybrid_ep.tuned import with_num_sms  # noqa: E402
 
 from cases import Scenario, dispatch_routed, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
-from distributed import ProcessGroupInfo, parallel_launch  # noqa: E402
+from distributed import ProcessGroupInfo, num_gpus, parallel_launch  # noqa: E402
 
 
 def bench(fn: Callable[[], Any], device: torch.device, num_warmups: int, num_tests: int) -> tuple[float, float, float]:
     """Times `fn` as DeepEP's test does: warm-up, one L2 flush, per-call CUDA events, first sample dropped.
-    Returns: (mean, min, max) seconds. On the CPU, wall-clock per call."""
+    Returns: (mean, min, max) seconds. On the CPU, wall-clock per call.
+
+    NOTES: not `hybrid_ep.bench.time_calls`, which flushes the L2 before every call and keeps every sample (as
+    DeepEP's benchmarks do); this script's figures stay comparable with DeepEP's test."""
     for _ in range(num_warmups):
         fn()
     times = []
@@ -59,7 +64,10 @@ def bench(fn: Callable[[], Any], device: torch.device, num_warmups: int, num_tes
 
 def make_routing(args: argparse.Namespace, rank: int, device: torch.device) -> torch.Tensor:
     """Returns: `[num_tokens, num_topk]` int64; uniform is DeepEP's `topk(|randn| + 1)`; skewed:F sends a fraction F
-    of each token's choices to the experts of rank 0 (the hot rank)."""
+    of each token's choices to the experts of rank 0 (the hot rank).
+
+    NOTES: uniform draws what `hybrid_ep.bench.make_routing` draws; skewed does not (it adds 10, not 100, to the hot
+    scores, so float32 rounding can order ties differently, and a bare `skewed` means 0.8 here)."""
     g = torch.Generator(device=device).manual_seed(1000 + rank)
     scores = torch.randn(args.num_tokens, args.num_experts, generator=g, device=device).abs() + 1
     if args.routing.startswith("skewed"):
@@ -72,17 +80,6 @@ def make_routing(args: argparse.Namespace, rank: int, device: torch.device) -> t
 
 # The widest hidden size of the correctness pass (the NVLink buffer must fit it too).
 CORRECTNESS_MAX_HIDDEN = 512
-
-
-def with_num_sms(config: Config, num_sms: int) -> Config:
-    """Returns: `config` with `num_sms` SMs and the same chunk sizes."""
-    return Config(
-        num_sms,
-        config.num_max_nvl_chunked_send_tokens,
-        config.num_max_nvl_chunked_recv_tokens,
-        config.num_max_rdma_chunked_send_tokens,
-        config.num_max_rdma_chunked_recv_tokens,
-    )
 
 
 def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Callable[[str], None]) -> None:
@@ -139,8 +136,7 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     num_nvl_bytes = 0
     if on_gpu and hybrid_ep.has_extension():
         # Every config this run uses (the correctness pass uses the defaults), at the widest row.
-        hidden_bytes = max(args.hidden, CORRECTNESS_MAX_HIDDEN) * 2
-        num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, R) for c in configs)
+        num_nvl_bytes = nvl_bytes_for(configs, max(args.hidden, CORRECTNESS_MAX_HIDDEN), R)
     buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True)
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     log(
@@ -192,16 +188,13 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
 
     def report(label: str, num_bytes: int, t: tuple[float, float, float], config: Config | None = None) -> dict:
         """Logs and returns the figures of one benchmark (a collective: every rank calls it)."""
-        mean = torch.tensor([t[0]], dtype=torch.float64, device=device)
-        everyone = [torch.zeros_like(mean) for _ in range(R)]
-        dist.all_gather(everyone, mean, group=pg.group)
         entry = dict(
             gbps=num_bytes / 1e9 / t[0],
             time_us=t[0] * 1e6,
             min_us=t[1] * 1e6,
             max_us=t[2] * 1e6,
             bytes=num_bytes,
-            rank_time_us=[float(v) * 1e6 for v in everyone],
+            rank_time_us=[v * 1e6 for v in gather_floats(pg, t[0])],
         )
         if on_gpu and config is not None:
             entry["num_sms"] = config.num_sms
@@ -313,7 +306,7 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = num_gpus()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--num-processes",

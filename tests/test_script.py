@@ -7,7 +7,16 @@ import os
 import subprocess
 import sys
 
+import hybrid_ep
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_hybrid_ep.py")
+
+
+def script_env() -> dict[str, str]:
+    """Returns: this environment with the package the tests import (installed or the source tree) first on
+    PYTHONPATH, so the script runs the same hybrid_ep rather than whichever copy its own directory finds."""
+    package_root = os.path.dirname(os.path.dirname(hybrid_ep.__file__))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
 
 
 def test_script_runs_and_writes_json(tmp_path) -> None:
@@ -34,6 +43,7 @@ def test_script_runs_and_writes_json(tmp_path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        env=script_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[correctness] uniform: dispatch/combine/layout as expected (2 ranks)" in proc.stdout
@@ -49,6 +59,7 @@ def test_script_rejects_bad_arguments() -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        env=script_env(),
     )
     assert proc.returncode == 2 and "--num-experts 8 must be divisible by --num-processes 3" in proc.stderr
 
@@ -62,6 +73,8 @@ def test_script_runs_without_pytest(tmp_path) -> None:
         "'--hidden', '128', '--num-tests', '2', '--num-warmups', '1', '--skip-check']\n"
         f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=script_env()
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[bench] combine BF16:" in proc.stdout

@@ -169,6 +169,20 @@ __device__ __forceinline__ int ld_cg(const int* ptr) {
     return v;
 }
 
+// 8-byte load that bypasses L1.
+__device__ __forceinline__ int64_t ld_cg_s64(const int64_t* ptr) {
+    int64_t v;
+    asm volatile("ld.global.cg.s64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");
+    return v;
+}
+
+// 4-byte float load that bypasses L1.
+__device__ __forceinline__ float ld_cg_f32(const float* ptr) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
+    return v;
+}
+
 // 16-byte store that does not allocate in L1 (outputs and peers' rings).
 __device__ __forceinline__ void st_na_v4(int4* ptr, const int4& v) {
     asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};"

@@ -9,10 +9,12 @@
 // unit it is sending, only for the previous unit's rows, which every reducer can finish.
 // Each block has one sender warp and kNumReduceWarps reducer warps:
 //   * sender (warp 0): for each unit, the rows this rank holds for each peer s are a contiguous range (found by
-//     binary search in recv_src_idx inside the dispatch's channel range); lane 0 runs the bulk-copy pipeline of
-//     the dispatch (global -> shared -> ring of s in block b), with the source token and the weights as metadata,
-//     publishing tails (release) every num_chunk_tokens rows and at the end of each unit. Slots are reused after
-//     the reducer's head passed them (bounded wait).
+//     binary search in recv_src_idx inside the dispatch's channel range); the rows of the peers are interleaved
+//     (one per peer in turn) so every peer's reducers advance together, and lane 0 runs the bulk-copy pipeline of
+//     device/bulk_pipeline.cuh (global -> shared -> ring of s in block b) with the source token and the weights as
+//     metadata, publishing tails (one system-scope fence, relaxed stores) every num_chunk_tokens rows for the rows
+//     kPublishLag back, and at the end of each unit. Slots are reused after the reducer's head passed them
+//     (bounded wait).
 //   * reducers (warps 1..): batches of up to 32 tokens of the unit; every warp reads the routing of the batch,
 //     waits (bounded) until each peer's tail covers the batch, then takes every kNumReduceWarps-th token and sums
 //     bias_0, bias_1 and the copies from ranks 0..R-1 (this rank's own copy read from x directly); then the leader
@@ -24,6 +26,7 @@
 
 #include <cstdio>
 
+#include "device/bulk_pipeline.cuh"
 #include "device/comm.cuh"
 #include "device/exception.cuh"
 #include "device/layout.cuh"
@@ -36,7 +39,7 @@ namespace hybrid_ep::kernels {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kNumReduceWarps = 8;
+constexpr int kNumReduceWarps = 11;
 constexpr int kNumThreads = (1 + kNumReduceWarps) * kWarpSize;
 constexpr int kMaxBatchTokens = 32;
 
@@ -62,14 +65,10 @@ struct SenderState {
     int sent[kNumMaxKernelRanks];
     int head_seen[kNumMaxKernelRanks];
     int published[kNumMaxKernelRanks];
-    int item_rank[kNumMaxKernelRanks];   // destination of the i-th run of the unit
-    int item_first[kNumMaxKernelRanks];  // its first row in x
-    int item_end[kNumMaxKernelRanks];    // exclusive prefix of the runs' lengths, inclusive of run i
-};
-
-template <int kNumStages>
-struct SenderHistory {
-    int sent[kNumStages][kNumMaxKernelRanks];
+    int run_rank[kNumMaxKernelRanks];   // destination of run i of the unit
+    int run_first[kNumMaxKernelRanks];  // its first row in x
+    int run_count[kNumMaxKernelRanks];  // its rows
+    int run_pos[kNumMaxKernelRanks];    // rows of it already taken
 };
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) {
@@ -115,22 +114,15 @@ __device__ __forceinline__ int lower_bound(const int* recv_src_idx, int begin, i
     return begin;
 }
 
-__device__ __forceinline__ void wait_stage(uint32_t bar, uint32_t phase, int64_t num_timeout_cycles, int rank) {
-    timeout_while(num_timeout_cycles, [&](bool is_last_check) {
-        const bool is_done = ptx::mbarrier_try_wait(bar, phase);
-        if (!is_done && is_last_check)
-            printf("hybrid_ep combine timeout: rank %d, block %d: a local bulk load never completed\n", rank,
-                   static_cast<int>(blockIdx.x));
-        return !is_done;
-    });
-}
-
-template <int kNumStages, int kNumPrefetch>
+template <int kNumStages, int kNumPrefetch, int kPublishLag>
 __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8_t* smem, int block_idx) {
-    constexpr int kNumInFlight = kNumStages - kNumPrefetch - 1;
+    static_assert(kNumPrefetch >= 0 && kNumPrefetch + 1 < kNumStages, "prefetch depth must be below the stage count");
+    constexpr int kNumReadPending = kNumStages - kNumPrefetch - 1;
+    constexpr int kHistoryDepth = kPublishLag + 1;
     __shared__ SenderState state;
-    __shared__ SenderHistory<kNumStages> history;
-    __shared__ uint64_t stage_bars[kNumStages];
+    __shared__ SentHistory<kHistoryDepth> history;
+    __shared__ StageBarriers<kNumStages> stages;
+    __shared__ int stage_dst[kNumStages];  // destination rank of the stage's row
 
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks, num_channels = p.num_channels;
@@ -138,21 +130,25 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
     const CombineMetaLayout meta_layout{p.num_topk};
     const RingLayout rings{num_ranks, p.num_blocks, p.num_ring_slots, num_row_bytes, meta_layout.num_bytes()};
     const int stage_stride = (num_row_bytes + meta_layout.num_bytes() + 127) / 128 * 128;
+    const int num_runs = num_ranks - 1;
 
     if (lane_idx < kNumMaxKernelRanks)
         state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = 0;
-    if (lane_idx == 0) {
-        for (int s = 0; s < kNumStages; ++s)
-            ptx::mbarrier_init(ptx::smem_addr(&stage_bars[s]), 1);
-        ptx::fence_mbarrier_init();
-    }
+    if (lane_idx == 0)
+        stages.init();
     __syncwarp();
 
     const auto publish = [&](const int* sent_after) {
+        // NOTES: one system-scope fence orders every completed row before all the tails that follow.
         ptx::fence_proxy_async_global();
+        bool is_fenced = false;
         for (int d = 0; d < num_ranks; ++d) {
             if (d != rank && sent_after[d] != state.published[d]) {
-                ptx::st_release_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], block_idx, rank), sent_after[d]);
+                if (!is_fenced) {
+                    ptx::fence_acq_rel_sys();
+                    is_fenced = true;
+                }
+                ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], block_idx, rank), sent_after[d]);
                 state.published[d] = sent_after[d];
             }
         }
@@ -163,99 +159,87 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
         const int channel = unit_idx / split.num_parts;
         // Lane i < R - 1: one peer (rotated by block, so the blocks of a rank start on different peers) and its
         // contiguous run of rows for this unit.
-        int run_first = 0, run_count = 0, run_rank = -1;
-        if (lane_idx < num_ranks - 1) {
-            run_rank = (rank + 1 + (block_idx + lane_idx) % (num_ranks - 1)) % num_ranks;
-            const int s = run_rank;
+        int run_count = 0;
+        if (lane_idx < num_runs) {
+            const int s = (rank + 1 + (block_idx + lane_idx) % num_runs) % num_ranks;
             const int rows_begin = p.recv_channel_prefix_matrix[s * num_channels + channel];
             const int rows_end = channel + 1 < num_channels
                                      ? p.recv_channel_prefix_matrix[s * num_channels + channel + 1]
                                      : p.rank_prefix_matrix[s * num_ranks + rank];
             int token_begin, token_end;
             split.tokens(unit_idx, s, num_channels, token_begin, token_end);
-            run_first = lower_bound(p.recv_src_idx, rows_begin, rows_end, token_begin);
+            const int run_first = lower_bound(p.recv_src_idx, rows_begin, rows_end, token_begin);
             run_count = lower_bound(p.recv_src_idx, run_first, rows_end, token_end) - run_first;
+            state.run_rank[lane_idx] = s;
+            state.run_first[lane_idx] = run_first;
+            state.run_count[lane_idx] = run_count;
+            state.run_pos[lane_idx] = 0;
         }
-        int run_end = run_count;
-        for (int offset = 1; offset < kWarpSize; offset *= 2) {
-            const int other = __shfl_up_sync(0xffffffff, run_end, offset);
-            if (lane_idx >= offset)
-                run_end += other;
-        }
-        if (lane_idx < num_ranks - 1) {
-            state.item_rank[lane_idx] = run_rank;
-            state.item_first[lane_idx] = run_first;
-            state.item_end[lane_idx] = run_end;
-        }
-        const int num_items = __shfl_sync(0xffffffff, run_end, max(num_ranks - 2, 0));
+        int num_items = run_count;
+        for (int offset = 1; offset < kWarpSize; offset *= 2)
+            num_items += __shfl_xor_sync(0xffffffff, num_items, offset);
         __syncwarp();
 
-        // Item k of the unit: (destination, row of x).
-        const auto locate = [&](int k, int& dst_rank, int& row) {
-            int i = 0;
-            while (k >= state.item_end[i])
-                ++i;
-            dst_rank = state.item_rank[i];
-            row = state.item_first[i] + k - (i > 0 ? state.item_end[i - 1] : 0);
+        // The unit's rows, interleaved over the destinations (one from each run with rows left, in turn), so every
+        // peer's reducers progress at the same pace. Lane 0 advances the cursor; every lane gets (destination, row).
+        int cursor_run = num_runs - 1;
+        const auto next_item = [&](int& dst_rank, int& row) {
+            int run = 0, pos = 0;
+            if (lane_idx == 0) {
+                run = cursor_run;
+                do
+                    run = (run + 1) % num_runs;
+                while (state.run_pos[run] >= state.run_count[run]);
+                cursor_run = run;
+                pos = state.run_pos[run]++;
+            }
+            run = __shfl_sync(0xffffffff, run, 0);
+            pos = __shfl_sync(0xffffffff, pos, 0);
+            dst_rank = state.run_rank[run];
+            row = state.run_first[run] + pos;
         };
         const auto stage_ptr = [&](int k) { return smem + ((num_items_before + k) % kNumStages) * stage_stride; };
-        const auto issue_load = [&](int k) {
-            int dst_rank, row;
-            locate(k, dst_rank, row);
-            const uint32_t bar = ptx::smem_addr(&stage_bars[(num_items_before + k) % kNumStages]);
-            ptx::mbarrier_arrive_expect_tx(bar, num_row_bytes);
-            ptx::tma_load_1d(ptx::smem_addr(stage_ptr(k)),
-                             static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(row) * num_row_bytes,
-                             num_row_bytes, bar);
+        // The next item and its metadata, in registers while the loads are in flight.
+        int next_dst = 0, next_row = 0, next_src_idx = 0;
+        float next_weight = 0.0f;
+        const auto load_next = [&]() {
+            next_item(next_dst, next_row);
+            if (lane_idx == 0)
+                next_src_idx = __ldg(p.recv_src_idx + next_row);
+            if (lane_idx < p.num_topk)
+                next_weight = __ldg(p.topk_weights + static_cast<int64_t>(next_row) * p.num_topk + lane_idx);
+        };
+        // Every lane: starts the load of item k (the next item) into its free stage and writes its metadata.
+        const auto fill_stage = [&](int k) {
+            uint8_t* stage = stage_ptr(k);
+            if (lane_idx == 0) {
+                stages.load(num_items_before + k, ptx::smem_addr(stage),
+                            static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(next_row) * num_row_bytes,
+                            num_row_bytes);
+                *reinterpret_cast<int*>(stage + num_row_bytes) = next_src_idx;
+                stage_dst[(num_items_before + k) % kNumStages] = next_dst;
+            }
+            if (lane_idx < p.num_topk)
+                reinterpret_cast<float*>(stage + num_row_bytes + meta_layout.weights_offset())[lane_idx] = next_weight;
+            ptx::fence_proxy_async_shared();
+            if (k + 1 < num_items)
+                load_next();
         };
 
-        int next_src_idx = 0;
-        float next_weight = 0.0f;
-        const auto load_meta = [&](int row) {
-            if (lane_idx == 0)
-                next_src_idx = p.recv_src_idx[row];
-            if (lane_idx < p.num_topk)
-                next_weight = p.topk_weights[static_cast<int64_t>(row) * p.num_topk + lane_idx];
-        };
-        if (num_items > 0) {
-            int first_dst, first_row;
-            locate(0, first_dst, first_row);
-            load_meta(first_row);
-        }
-        if (lane_idx == 0)
-            for (int k = 0; k < min(kNumPrefetch, num_items); ++k)
-                issue_load(k);
+        int num_filled = 0;
+        if (num_items > 0)
+            load_next();
+        for (; num_filled < min(kNumPrefetch + 1, num_items); ++num_filled)
+            fill_stage(num_filled);
+        __syncwarp();
+
         for (int k = 0; k < num_items; ++k) {
             const int item_idx = num_items_before + k;
-            if (lane_idx == 0 && k + kNumPrefetch < num_items) {
-                ptx::bulk_wait_group<kNumInFlight>();
-                const int done_k = k + kNumPrefetch - kNumStages;
-                if (done_k >= 0 && (done_k + 1) % p.num_chunk_tokens == 0)
-                    publish(history.sent[(num_items_before + done_k) % kNumStages]);
-                issue_load(k + kNumPrefetch);
-            }
-            int dst_rank, row;
-            locate(k, dst_rank, row);
-            uint8_t* stage = stage_ptr(k);
-            uint8_t* meta = stage + num_row_bytes;
-            // NOTES: the metadata of item k was loaded into registers one item ahead, off the critical path.
-            if (lane_idx == 0)
-                *reinterpret_cast<int*>(meta) = next_src_idx;
-            if (lane_idx < p.num_topk)
-                reinterpret_cast<float*>(meta + meta_layout.weights_offset())[lane_idx] = next_weight;
-            if (k + 1 < num_items) {
-                int next_dst, next_row;
-                locate(k + 1, next_dst, next_row);
-                load_meta(next_row);
-            }
-            ptx::fence_proxy_async_shared();
-            __syncwarp();
             if (lane_idx == 0) {
-                wait_stage(ptx::smem_addr(&stage_bars[item_idx % kNumStages]), (item_idx / kNumStages) & 1,
-                           p.num_timeout_cycles, rank);
+                stages.wait(item_idx, p.num_timeout_cycles, "combine", rank);
+                const int dst_rank = stage_dst[item_idx % kNumStages];
                 const int sent = state.sent[dst_rank];
                 if (sent - state.head_seen[dst_rank] >= p.num_ring_slots) {
-                    ptx::bulk_commit_group();
                     ptx::bulk_wait_group<0>();
                     publish(state.sent);
                     const int* head_ptr = NvlBufferLayout::head(p.buffer_ptrs[rank], block_idx, dst_rank);
@@ -272,16 +256,27 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                     ptx::fence_proxy_async_global();
                 }
                 const int slot = sent % p.num_ring_slots;
-                const uint32_t stage_addr = ptx::smem_addr(stage);
+                const uint32_t stage_addr = ptx::smem_addr(stage_ptr(k));
                 ptx::tma_store_1d(rings.x(p.buffer_ptrs[dst_rank], block_idx, rank, slot), stage_addr, num_row_bytes);
                 ptx::tma_store_1d(rings.meta(p.buffer_ptrs[dst_rank], block_idx, rank, slot),
                                   stage_addr + num_row_bytes, meta_layout.num_bytes());
                 state.sent[dst_rank] = sent + 1;
                 ptx::bulk_commit_group();
-                for (int d = 0; d < num_ranks; ++d)
-                    history.sent[item_idx % kNumStages][d] = state.sent[d];
+                history.record(item_idx, state.sent, num_ranks);
+                // Every num_chunk_tokens rows: the tails of the row kPublishLag back, whose writes have landed.
+                if ((k + 1) % p.num_chunk_tokens == 0 && k >= kPublishLag) {
+                    ptx::bulk_wait_group<kPublishLag>();
+                    publish(history.after(item_idx - kPublishLag));
+                }
+                if (num_filled < num_items)
+                    ptx::bulk_wait_group_read<kNumReadPending>();
             }
             __syncwarp();
+            if (num_filled < num_items) {
+                fill_stage(num_filled);
+                ++num_filled;
+                __syncwarp();
+            }
         }
         if (lane_idx == 0) {
             ptx::bulk_wait_group<0>();
@@ -290,8 +285,6 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
         num_items_before += num_items;
         __syncwarp();
     }
-
-    __syncwarp();
 }
 
 template <int kMaxRanks>
@@ -434,19 +427,23 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
 
             // Every warp is done with the batch's slots: free them.
             ptx::named_barrier_sync(1, kNumReduceWarps * kWarpSize);
+            // NOTES: the reads of the batch are ordered before the heads by one fence (reads need no
+            // system-scope release per peer).
+            if (reduce_warp_idx == 0 && lane_idx == 0)
+                ptx::fence_acq_rel_sys();
 #pragma unroll
             for (int r = 0; r < kMaxRanks; ++r) {
                 if (r >= num_ranks || r == rank || masks[r] == 0)
                     continue;
                 consumed[r] += __popc(masks[r]);
                 if (reduce_warp_idx == 0 && lane_idx == 0)
-                    ptx::st_release_sys(NvlBufferLayout::head(p.buffer_ptrs[r], block_idx, rank), consumed[r]);
+                    ptx::st_relaxed_sys(NvlBufferLayout::head(p.buffer_ptrs[r], block_idx, rank), consumed[r]);
             }
         }
     }
 }
 
-template <int kMaxRanks, int kNumStages, int kNumPrefetch>
+template <int kMaxRanks, int kNumStages, int kNumPrefetch, int kPublishLag>
 __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(const __grid_constant__ CombineParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ UnitSplit split;
@@ -473,14 +470,23 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(const __grid_co
                 max(max_per_channel, (split.num_tokens[r] + params.num_channels - 1) / params.num_channels);
         const int for_blocks = (params.num_blocks + params.num_channels - 1) / params.num_channels;
         const int for_rings = (max_per_channel + params.num_ring_slots - 1) / params.num_ring_slots;
-        split.num_parts = max(max(for_blocks, for_rings), 1);
+        // NOTES: the smallest P that also gives every block as many units (C * P a multiple of the block count),
+        // when one exists within twice the bound: 12 blocks with 18 units ran at the pace of the blocks with two.
+        int num_parts = max(max(for_blocks, for_rings), 1);
+        for (int p = num_parts; p <= 2 * num_parts; ++p) {
+            if (params.num_channels * p % params.num_blocks == 0) {
+                num_parts = p;
+                break;
+            }
+        }
+        split.num_parts = num_parts;
         split.num_units = params.num_channels * split.num_parts;
     }
     __syncthreads();
 
     const int warp_idx = threadIdx.x / kWarpSize;
     if (warp_idx == 0)
-        run_sender<kNumStages, kNumPrefetch>(params, split, smem, blockIdx.x);
+        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, split, smem, blockIdx.x);
     else
         run_reducer<kMaxRanks>(params, split, blockIdx.x, warp_idx - 1);
 }
@@ -525,12 +531,14 @@ void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int sm
     };
     const auto launch_ranks = [&](auto ranks_tag) {
         constexpr int kMaxRanks = decltype(ranks_tag)::value;
-        if (8 * stage_bytes + static_smem <= smem_limit)
-            launch(combine_kernel<kMaxRanks, 8, 3>, 8);
+        if (12 * stage_bytes + static_smem <= smem_limit)
+            launch(combine_kernel<kMaxRanks, 12, 5, 8>, 12);
+        else if (8 * stage_bytes + static_smem <= smem_limit)
+            launch(combine_kernel<kMaxRanks, 8, 3, 6>, 8);
         else if (4 * stage_bytes + static_smem <= smem_limit)
-            launch(combine_kernel<kMaxRanks, 4, 2>, 4);
+            launch(combine_kernel<kMaxRanks, 4, 2, 4>, 4);
         else if (2 * stage_bytes + static_smem <= smem_limit)
-            launch(combine_kernel<kMaxRanks, 2, 1>, 2);
+            launch(combine_kernel<kMaxRanks, 2, 0, 2>, 2);
         else
             HEP_CHECK(false, "combine: a row of ", params.hidden * 2, " bytes is too wide for shared memory (",
                       smem_limit, " bytes per block)");

@@ -2,15 +2,18 @@
 //
 // Grid: 2 blocks per channel; block b sends the tokens of one half of channel b / 2 (contiguous) and receives what
 // block b of every peer sends. Each block has one sender warp and kNumRecvWarps receiver warps:
-//   * sender (warp 0): lane 0 runs a bulk-copy pipeline. Row k + kNumPrefetch is loaded global -> shared (TMA,
-//     completion on the stage's mbarrier) while row k is stored shared -> peer ring (TMA) for every destination
-//     `send_head` names, its metadata (source index, top-k, weights, scales, written into the stage by all lanes)
-//     with it. Rows for this rank itself go straight into the outputs. One bulk group per row; a stage is reused
-//     after its group completed (`bulk_wait_group`), and that wait also tells which rows are visible at the
-//     peers: every num_chunk_tokens rows lane 0 publishes the ring tails (release, system scope). Before a slot is
-//     reused the sender waits (bounded) for the receiver's head. The last tail carries kDoneBit.
+//   * sender (warp 0): lane 0 runs the bulk-copy pipeline of device/bulk_pipeline.cuh. Token k + kNumPrefetch + 1
+//     is loaded global -> shared (TMA, completion on the stage's mbarrier) while token k is stored shared -> peer
+//     ring (TMA) for every destination `send_head` names, one bulk group per token, its metadata (source index,
+//     top-k, weights, scales, loaded into registers one token ahead and written into the stage by all lanes) with
+//     it. This rank's own rows go straight into the outputs. A stage is refilled once its stores have read it
+//     (`wait_group.read`); every num_chunk_tokens tokens lane 0 waits until the stores of the token kPublishLag
+//     back have completed and publishes the ring tails it recorded after that token (one system-scope fence, then
+//     relaxed stores). Before a slot is reused the sender waits (bounded) for the receiver's head. The last tail
+//     carries kDoneBit.
 //   * receivers (warps 1..): grouped per source; a group leader polls its sources' tails (acquire), the group
-//     copies the available rows to recv_x / recv_* (16-byte loads that skip L1, localising top-k), then the leader
+//     copies the available rows to recv_x / recv_* (16-byte loads that skip L1, 12 in flight per lane, metadata
+//     loaded first; top-k localised), then the leader
 //     releases the head into the source's buffer. Rows go to `start + j`, where start (the receive row of the
 //     sender block's first row for this rank) is written by the sender before its first tail.
 // Counters: tails[b][s] (receiver's buffer, written by source s) and heads[b][d] (sender's buffer, written by
@@ -20,6 +23,7 @@
 // launches with the same num_channels, num_ring_slots, row and metadata sizes.
 #include <cstdio>
 
+#include "device/bulk_pipeline.cuh"
 #include "device/comm.cuh"
 #include "device/exception.cuh"
 #include "device/layout.cuh"
@@ -32,7 +36,7 @@ namespace hybrid_ep::kernels {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kNumRecvWarps = 12;
+constexpr int kNumRecvWarps = 15;
 constexpr int kNumThreads = (1 + kNumRecvWarps) * kWarpSize;
 constexpr int kDoneBit = 1 << 30;
 
@@ -42,18 +46,12 @@ struct StageLayout {
     HEP_HOST_DEVICE int stride() const { return (num_x_bytes + num_meta_bytes + 127) / 128 * 128; }
 };
 
-// Shared state of the sender (lane 0 reads and writes it; other lanes fill metadata).
+// Shared state of the sender (lane 0 reads and writes it).
 struct SenderState {
     int sent[kNumMaxKernelRanks];       // rows written into the ring at each rank
     int head_seen[kNumMaxKernelRanks];  // last head read for each rank
     int published[kNumMaxKernelRanks];  // last tail published to each rank
     int start[kNumMaxKernelRanks];      // receive row of the first row sent to each rank
-    int recv_row[kNumMaxKernelRanks];   // receive row of the current token at each rank, or -1
-};
-
-template <int kNumStages>
-struct SenderHistory {
-    int sent[kNumStages][kNumMaxKernelRanks];  // `sent` after row k, at [k % kNumStages]
 };
 
 // Receiver group task, written by the group leader.
@@ -64,30 +62,52 @@ struct RecvTask {
     int start;     // receive row of ring row 0
 };
 
-// Waits (bounded) for a local bulk load into a stage.
-__device__ __forceinline__ void wait_stage(uint32_t bar, uint32_t phase, int64_t num_timeout_cycles, int rank) {
-    timeout_while(num_timeout_cycles, [&](bool is_last_check) {
-        const bool is_done = ptx::mbarrier_try_wait(bar, phase);
-        if (!is_done && is_last_check)
-            printf("hybrid_ep dispatch timeout: rank %d, block %d: a local bulk load never completed\n", rank,
-                   static_cast<int>(blockIdx.x));
-        return !is_done;
-    });
+// Scales a lane keeps in registers while they are in flight (hidden up to 32 x 4 x 128 channels); wider rows load
+// the rest when they are written.
+constexpr int kNumScaleRegs = 4;
+
+// The metadata of one token, loaded into registers one token before it is written into its stage.
+struct TokenMeta {
+    int64_t expert_idx;           // lane < num_topk
+    float weight;                 // lane < num_topk
+    int recv_row;                 // lane < num_ranks: the token's receive row at that rank, or -1
+    float scales[kNumScaleRegs];  // scale lane + 32 * i
+};
+
+__device__ __forceinline__ TokenMeta load_token_meta(const DispatchParams& p, int token_idx, int lane_idx) {
+    TokenMeta meta;
+    meta.expert_idx = -1;
+    meta.weight = 0.0f;
+    if (lane_idx < p.num_topk) {
+        meta.expert_idx = __ldg(p.topk_idx + static_cast<int64_t>(token_idx) * p.num_topk + lane_idx);
+        meta.weight = __ldg(p.topk_weights + static_cast<int64_t>(token_idx) * p.num_topk + lane_idx);
+    }
+    meta.recv_row =
+        lane_idx < p.num_ranks ? __ldg(p.send_head + static_cast<int64_t>(token_idx) * p.num_ranks + lane_idx) : -1;
+#pragma unroll
+    for (int i = 0; i < kNumScaleRegs; ++i) {
+        const int s = lane_idx + i * kWarpSize;
+        meta.scales[i] =
+            s < p.num_scales ? __ldg(p.x_scales + token_idx * p.scale_token_stride + s * p.scale_hidden_stride) : 0.0f;
+    }
+    return meta;
 }
 
-template <int kNumStages, int kNumPrefetch>
+template <int kNumStages, int kNumPrefetch, int kPublishLag>
 __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx) {
-    static_assert(kNumPrefetch >= 1 && kNumPrefetch < kNumStages, "prefetch depth must be below the stage count");
-    constexpr int kNumInFlight = kNumStages - kNumPrefetch - 1;
+    static_assert(kNumPrefetch >= 0 && kNumPrefetch + 1 < kNumStages, "prefetch depth must be below the stage count");
+    constexpr int kNumReadPending = kNumStages - kNumPrefetch - 1;
+    constexpr int kHistoryDepth = kPublishLag + 1;
     __shared__ SenderState state;
-    __shared__ SenderHistory<kNumStages> history;
-    __shared__ uint64_t stage_bars[kNumStages];
+    __shared__ SentHistory<kHistoryDepth> history;
+    __shared__ StageBarriers<kNumStages> stages;
+    __shared__ int stage_rows[kNumStages][kNumMaxKernelRanks];  // receive row of the stage's token at each rank
 
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
     const int num_blocks = 2 * p.num_channels;
-    const StageLayout stage_layout{p.num_x_bytes, DispatchMetaLayout{p.num_topk, p.num_scales}.num_bytes()};
     const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
+    const StageLayout stage_layout{p.num_x_bytes, meta_layout.num_bytes()};
     const RingLayout rings{num_ranks, num_blocks, p.num_ring_slots, p.num_x_bytes, meta_layout.num_bytes()};
 
     // This block's tokens: one half of its channel.
@@ -99,105 +119,102 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
     const int token_begin = block_idx % 2 == 0 ? channel_begin : channel_mid;
     const int num_block_tokens = (block_idx % 2 == 0 ? channel_mid : channel_end) - token_begin;
 
-    if (lane_idx < kNumMaxKernelRanks) {
-        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = 0;
-        state.start[lane_idx] = 0;
-    }
-    if (lane_idx == 0) {
-        for (int s = 0; s < kNumStages; ++s)
-            ptx::mbarrier_init(ptx::smem_addr(&stage_bars[s]), 1);
-        ptx::fence_mbarrier_init();
-    }
+    if (lane_idx < kNumMaxKernelRanks)
+        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.start[lane_idx] = 0;
+    if (lane_idx == 0)
+        stages.init();
     __syncwarp();
 
-    const auto stage_x = [&](int k) { return smem + (k % kNumStages) * stage_layout.stride(); };
-    const auto issue_load = [&](int k) {
-        const uint32_t bar = ptx::smem_addr(&stage_bars[k % kNumStages]);
-        ptx::mbarrier_arrive_expect_tx(bar, p.num_x_bytes);
-        ptx::tma_load_1d(ptx::smem_addr(stage_x(k)),
-                         static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(token_begin + k) * p.num_x_bytes,
-                         p.num_x_bytes, bar);
-    };
+    const auto stage_ptr = [&](int k) { return smem + (k % kNumStages) * stage_layout.stride(); };
     // Lane 0: makes tails up to `sent_after` visible at every peer (all bulk groups they count have completed).
     const auto publish = [&](const int* sent_after, bool is_last) {
+        // NOTES: one system-scope fence orders every completed row, and the start rows written just before it,
+        // before all the tails that follow (a release store per peer would fence once per peer).
         ptx::fence_proxy_async_global();
+        for (int d = 0; d < num_ranks; ++d)
+            if (d != rank && state.published[d] == 0 && sent_after[d] > 0)
+                ptx::st_relaxed_sys(NvlBufferLayout::start(p.buffer_ptrs[d], block_idx, rank), state.start[d]);
+        bool is_fenced = false;
         for (int d = 0; d < num_ranks; ++d) {
             if (d == rank)
                 continue;
             const int value = sent_after[d] | (is_last ? kDoneBit : 0);
             if (value == state.published[d])
                 continue;
-            if (state.published[d] == 0 && sent_after[d] > 0)
-                ptx::st_relaxed_sys(NvlBufferLayout::start(p.buffer_ptrs[d], block_idx, rank), state.start[d]);
-            ptx::st_release_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], block_idx, rank), value);
+            if (!is_fenced) {
+                ptx::fence_acq_rel_sys();
+                is_fenced = true;
+            }
+            ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], block_idx, rank), value);
             state.published[d] = value;
         }
     };
-
-    if (lane_idx == 0)
-        for (int k = 0; k < min(kNumPrefetch, num_block_tokens); ++k)
-            issue_load(k);
-
-    for (int k = 0; k < num_block_tokens; ++k) {
+    // Every lane: starts the load of token k into its (free) stage and writes the token's metadata next to it, and
+    // this rank's own copy of the metadata straight into the outputs.
+    const auto fill_stage = [&](int k, const TokenMeta& meta) {
         const int token_idx = token_begin + k;
-        uint8_t* stage = stage_x(k);
-        // Prefetch row k + kNumPrefetch into the stage row k + kNumPrefetch - kNumStages used; once that row's
-        // group has completed, every row up to it is visible at its destinations.
-        if (lane_idx == 0 && k + kNumPrefetch < num_block_tokens) {
-            ptx::bulk_wait_group<kNumInFlight>();
-            const int done_k = k + kNumPrefetch - kNumStages;
-            if (done_k >= 0 && (done_k + 1) % p.num_chunk_tokens == 0)
-                publish(history.sent[done_k % kNumStages], false);
-            issue_load(k + kNumPrefetch);
-        }
-
-        // Metadata of row k into the stage (every lane), and where the row lands at each rank.
-        uint8_t* meta = stage + p.num_x_bytes;
+        uint8_t* stage = stage_ptr(k);
         if (lane_idx == 0)
-            *reinterpret_cast<int*>(meta) = token_idx;
-        int64_t expert_idx = -1;
-        float weight = 0.0f;
+            stages.load(k, ptx::smem_addr(stage),
+                        static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(token_idx) * p.num_x_bytes,
+                        p.num_x_bytes);
+        uint8_t* stage_meta = stage + p.num_x_bytes;
+        if (lane_idx == 0)
+            *reinterpret_cast<int*>(stage_meta) = token_idx;
         if (lane_idx < p.num_topk) {
-            expert_idx = p.topk_idx[static_cast<int64_t>(token_idx) * p.num_topk + lane_idx];
-            weight = p.topk_weights[static_cast<int64_t>(token_idx) * p.num_topk + lane_idx];
-            reinterpret_cast<int64_t*>(meta + meta_layout.topk_idx_offset())[lane_idx] = expert_idx;
-            reinterpret_cast<float*>(meta + meta_layout.weights_offset())[lane_idx] = weight;
+            reinterpret_cast<int64_t*>(stage_meta + meta_layout.topk_idx_offset())[lane_idx] = meta.expert_idx;
+            reinterpret_cast<float*>(stage_meta + meta_layout.weights_offset())[lane_idx] = meta.weight;
         }
-        for (int i = lane_idx; i < p.num_scales; i += kWarpSize)
-            reinterpret_cast<float*>(meta + meta_layout.scales_offset())[i] =
-                p.x_scales[token_idx * p.scale_token_stride + i * p.scale_hidden_stride];
-        const int recv_row =
-            lane_idx < num_ranks ? p.send_head[static_cast<int64_t>(token_idx) * num_ranks + lane_idx] : -1;
+        auto* stage_scales = reinterpret_cast<float*>(stage_meta + meta_layout.scales_offset());
+#pragma unroll
+        for (int i = 0; i < kNumScaleRegs; ++i)
+            if (lane_idx + i * kWarpSize < p.num_scales)
+                stage_scales[lane_idx + i * kWarpSize] = meta.scales[i];
+        for (int s = lane_idx + kNumScaleRegs * kWarpSize; s < p.num_scales; s += kWarpSize)
+            stage_scales[s] = p.x_scales[token_idx * p.scale_token_stride + s * p.scale_hidden_stride];
         if (lane_idx < num_ranks)
-            state.recv_row[lane_idx] = recv_row;
-        ptx::fence_proxy_async_shared();
+            stage_rows[k % kNumStages][lane_idx] = meta.recv_row;
 
-        // This rank's own copy goes straight to the outputs; the metadata is written here by the lanes.
-        const int self_row = __shfl_sync(0xffffffff, recv_row, rank);
+        const int self_row = __shfl_sync(0xffffffff, meta.recv_row, rank);
         if (self_row >= 0) {
             if (p.recv_src_idx != nullptr && lane_idx == 0)
                 p.recv_src_idx[self_row] = token_idx;
             if (lane_idx < p.num_topk && p.recv_topk_idx != nullptr) {
                 const int64_t first = static_cast<int64_t>(rank) * p.num_local_experts;
-                const bool is_local = expert_idx >= first && expert_idx < first + p.num_local_experts;
+                const bool is_local = meta.expert_idx >= first && meta.expert_idx < first + p.num_local_experts;
                 p.recv_topk_idx[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
-                    is_local ? expert_idx - first : -1;
-                p.recv_topk_weights[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] = is_local ? weight : 0.0f;
+                    is_local ? meta.expert_idx - first : -1;
+                p.recv_topk_weights[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
+                    is_local ? meta.weight : 0.0f;
             }
-            for (int i = lane_idx; i < p.num_scales; i += kWarpSize)
-                p.recv_scales[static_cast<int64_t>(self_row) * p.num_scales + i] =
-                    p.x_scales[token_idx * p.scale_token_stride + i * p.scale_hidden_stride];
+            for (int s = lane_idx; s < p.num_scales; s += kWarpSize)
+                p.recv_scales[static_cast<int64_t>(self_row) * p.num_scales + s] = stage_scales[s];
         }
-        __syncwarp();
+        ptx::fence_proxy_async_shared();
+    };
 
+    // Prologue: tokens 0..kNumPrefetch into their stages; the metadata of the next token is always in flight.
+    TokenMeta next_meta;
+    if (num_block_tokens > 0)
+        next_meta = load_token_meta(p, token_begin, lane_idx);
+    int num_filled = 0;
+    for (; num_filled < min(kNumPrefetch + 1, num_block_tokens); ++num_filled) {
+        const TokenMeta meta = next_meta;
+        if (num_filled + 1 < num_block_tokens)
+            next_meta = load_token_meta(p, token_begin + num_filled + 1, lane_idx);
+        fill_stage(num_filled, meta);
+    }
+    __syncwarp();
+
+    for (int k = 0; k < num_block_tokens; ++k) {
         if (lane_idx == 0) {
-            const int stage_idx = k % kNumStages;
-            wait_stage(ptx::smem_addr(&stage_bars[stage_idx]), (k / kNumStages) & 1, p.num_timeout_cycles, rank);
-            const uint32_t stage_addr = ptx::smem_addr(stage);
+            stages.wait(k, p.num_timeout_cycles, "dispatch", rank);
+            const uint32_t stage_addr = ptx::smem_addr(stage_ptr(k));
+            const int* rows = stage_rows[k % kNumStages];
             // Rotate the destinations so the blocks of a rank do not all hit the same peer at once.
             for (int i = 0; i < num_ranks; ++i) {
                 const int d = (rank + 1 + block_idx + i) % num_ranks;
-                const int row = state.recv_row[d];
+                const int row = rows[d];
                 if (row < 0)
                     continue;
                 if (d == rank) {
@@ -234,10 +251,25 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
                 state.sent[d] = sent + 1;
             }
             ptx::bulk_commit_group();
-            for (int d = 0; d < num_ranks; ++d)
-                history.sent[k % kNumStages][d] = state.sent[d];
+            history.record(k, state.sent, num_ranks);
+            // Every num_chunk_tokens tokens: the tails of the token kPublishLag back, whose writes have landed.
+            if ((k + 1) % p.num_chunk_tokens == 0 && k >= kPublishLag) {
+                ptx::bulk_wait_group<kPublishLag>();
+                publish(history.after(k - kPublishLag), false);
+            }
+            // The stage of token num_filled is free once the stores of token num_filled - kNumStages have read it.
+            if (num_filled < num_block_tokens)
+                ptx::bulk_wait_group_read<kNumReadPending>();
         }
         __syncwarp();
+        if (num_filled < num_block_tokens) {
+            const TokenMeta meta = next_meta;
+            if (num_filled + 1 < num_block_tokens)
+                next_meta = load_token_meta(p, token_begin + num_filled + 1, lane_idx);
+            fill_stage(num_filled, meta);
+            ++num_filled;
+            __syncwarp();
+        }
     }
 
     if (lane_idx == 0) {
@@ -254,42 +286,59 @@ __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const
     const int lane_idx = ptx::get_lane_idx();
     void* local = p.buffer_ptrs[p.rank];
     const int num_vectors = p.num_x_bytes / 16;
+    const int64_t first_expert = static_cast<int64_t>(p.rank) * p.num_local_experts;
     for (int j = task.first + warp_rank; j < task.first + task.count; j += num_warps) {
         const int slot = j % p.num_ring_slots;
         const int64_t row = task.start + j;
         const auto* src = reinterpret_cast<const int4*>(rings.x(local, block_idx, task.src_rank, slot));
         auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(p.recv_x) + row * p.num_x_bytes);
-        // NOTES: 8 loads in flight per lane before the first store: the copy is latency-bound otherwise.
-        constexpr int kUnroll = 8;
-        int i = lane_idx;
-        for (; i + (kUnroll - 1) * kWarpSize < num_vectors; i += kUnroll * kWarpSize) {
+        const uint8_t* meta = rings.meta(local, block_idx, task.src_rank, slot);
+
+        // NOTES: every load of a round is issued before its first use (metadata first), so a row costs one memory
+        // latency per kUnroll vectors a lane moves, not one per vector.
+        int src_idx = 0;
+        int64_t expert_idx = -1;
+        float weight = 0.0f;
+        float scales[kNumScaleRegs];
+        if (p.recv_src_idx != nullptr && lane_idx == 0)
+            src_idx = ptx::ld_cg(reinterpret_cast<const int*>(meta));
+        if (lane_idx < p.num_topk && p.recv_topk_idx != nullptr) {
+            expert_idx =
+                ptx::ld_cg_s64(reinterpret_cast<const int64_t*>(meta + meta_layout.topk_idx_offset()) + lane_idx);
+            weight = ptx::ld_cg_f32(reinterpret_cast<const float*>(meta + meta_layout.weights_offset()) + lane_idx);
+        }
+#pragma unroll
+        for (int i = 0; i < kNumScaleRegs; ++i)
+            if (lane_idx + i * kWarpSize < p.num_scales)
+                scales[i] = ptx::ld_cg_f32(reinterpret_cast<const float*>(meta + meta_layout.scales_offset()) +
+                                           lane_idx + i * kWarpSize);
+        constexpr int kUnroll = 12;
+        for (int base = 0; base < num_vectors; base += kUnroll * kWarpSize) {
             int4 v[kUnroll];
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
-                v[u] = ptx::ld_cg_v4(src + i + u * kWarpSize);
+                if (base + u * kWarpSize + lane_idx < num_vectors)
+                    v[u] = ptx::ld_cg_v4(src + base + u * kWarpSize + lane_idx);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
-                ptx::st_na_v4(dst + i + u * kWarpSize, v[u]);
+                if (base + u * kWarpSize + lane_idx < num_vectors)
+                    ptx::st_na_v4(dst + base + u * kWarpSize + lane_idx, v[u]);
         }
-        for (; i < num_vectors; i += kWarpSize)
-            ptx::st_na_v4(dst + i, ptx::ld_cg_v4(src + i));
 
-        const uint8_t* meta = rings.meta(local, block_idx, task.src_rank, slot);
         if (p.recv_src_idx != nullptr && lane_idx == 0)
-            p.recv_src_idx[row] = ptx::ld_cg(reinterpret_cast<const int*>(meta));
+            p.recv_src_idx[row] = src_idx;
         if (lane_idx < p.num_topk && p.recv_topk_idx != nullptr) {
-            const int64_t expert_idx =
-                *reinterpret_cast<const volatile int64_t*>(meta + meta_layout.topk_idx_offset() + 8 * lane_idx);
-            const float weight =
-                *reinterpret_cast<const volatile float*>(meta + meta_layout.weights_offset() + 4 * lane_idx);
-            const int64_t first_expert = static_cast<int64_t>(p.rank) * p.num_local_experts;
             const bool is_local = expert_idx >= first_expert && expert_idx < first_expert + p.num_local_experts;
             p.recv_topk_idx[row * p.num_topk + lane_idx] = is_local ? expert_idx - first_expert : -1;
             p.recv_topk_weights[row * p.num_topk + lane_idx] = is_local ? weight : 0.0f;
         }
-        for (int s = lane_idx; s < p.num_scales; s += kWarpSize)
+#pragma unroll
+        for (int i = 0; i < kNumScaleRegs; ++i)
+            if (lane_idx + i * kWarpSize < p.num_scales)
+                p.recv_scales[row * p.num_scales + lane_idx + i * kWarpSize] = scales[i];
+        for (int s = lane_idx + kNumScaleRegs * kWarpSize; s < p.num_scales; s += kWarpSize)
             p.recv_scales[row * p.num_scales + s] =
-                *reinterpret_cast<const volatile float*>(meta + meta_layout.scales_offset() + 4 * s);
+                ptx::ld_cg_f32(reinterpret_cast<const float*>(meta + meta_layout.scales_offset()) + s);
     }
 }
 
@@ -387,12 +436,12 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     }
 }
 
-template <int kNumStages, int kNumPrefetch>
+template <int kNumStages, int kNumPrefetch, int kPublishLag>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp_idx = threadIdx.x / kWarpSize;
     if (warp_idx == 0)
-        run_sender<kNumStages, kNumPrefetch>(params, smem, blockIdx.x);
+        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x);
     else
         run_receiver(params, blockIdx.x, warp_idx - 1);
 }
@@ -424,15 +473,18 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         kernel<<<2 * params.num_channels, kNumThreads, smem, stream>>>(params);
     };
-    // NOTES: 8 stages keep 4 rows of stores in flight per block (12 stages measured no faster on 4 H200 GPUs); wider
-    // rows get fewer stages.
     const int static_smem = 8 * 1024;
-    if (8 * stage_bytes + static_smem <= smem_limit)
-        launch(dispatch_kernel<8, 3>, 8);
+    // NOTES: the stage count, prefetch depth and publish lag changed nothing measurable on 4 H200 GPUs (12 or 14
+    // stages, lag 8 to 40); the publish period (Config.num_max_nvl_chunked_send_tokens) did. Wider rows get
+    // fewer stages.
+    if (12 * stage_bytes + static_smem <= smem_limit)
+        launch(dispatch_kernel<12, 5, 8>, 12);
+    else if (8 * stage_bytes + static_smem <= smem_limit)
+        launch(dispatch_kernel<8, 3, 6>, 8);
     else if (4 * stage_bytes + static_smem <= smem_limit)
-        launch(dispatch_kernel<4, 2>, 4);
+        launch(dispatch_kernel<4, 2, 4>, 4);
     else if (2 * stage_bytes + static_smem <= smem_limit)
-        launch(dispatch_kernel<2, 1>, 2);
+        launch(dispatch_kernel<2, 0, 2>, 2);
     else
         HEP_CHECK(false, "dispatch: a row of ", params.num_x_bytes, " bytes is too wide for shared memory (",
                   smem_limit, " bytes per block)");

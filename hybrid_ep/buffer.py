@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import _ext, checks, envs, reference, tuned
+from . import _ext, checks, envs, reference, topology, tuned
 from .config import Config
 from .event import EventHandle, EventOverlap
 
@@ -22,6 +22,30 @@ _NOT_YET = "is not implemented yet in hybrid_ep"
 
 def _not_implemented(feature: str, area: str) -> NotImplementedError:
     return NotImplementedError(f"{feature} {_NOT_YET}; it arrives with the {area} work (see docs/compat.md)")
+
+
+def nvl_ranks_for_buffer(group_size: int, backend_name: str, num_nvl_bytes: int) -> int:
+    """`Buffer.num_nvl_ranks` for a group: `topology.nvl_ranks_for_group` with HYBRID_EP_NUM_NVL_RANKS as override.
+
+    Arguments:
+        group_size: ranks in the group.
+        backend_name: the group's backend ("nccl" runs on GPUs; anything else on the CPU, without NVLink).
+        num_nvl_bytes: the Buffer's NVLink buffer size.
+    Returns:
+        ranks per NVLink domain, a divisor of `group_size`. Raises NotImplementedError when a GPU group with an
+        NVLink buffer spans several domains: the NVLink kernels need the whole group in one domain.
+    """
+    on_gpus = "nccl" in backend_name
+    num_nvl_ranks = topology.nvl_ranks_for_group(group_size, on_gpus, override=envs.num_nvl_ranks())
+    if on_gpus and num_nvl_bytes > 0 and num_nvl_ranks < group_size:
+        raise NotImplementedError(
+            f"Buffer(num_nvl_bytes={num_nvl_bytes}) over {group_size} ranks: the group spans several NVLink "
+            f"domains of num_nvl_ranks={num_nvl_ranks} ranks (NVML topology, or HYBRID_EP_NUM_NVL_RANKS), and the "
+            f"NVLink kernels need one domain; internode kernels {_NOT_YET} (see docs/compat.md). Pass "
+            f"num_nvl_bytes=0 for the reference backend, or set HYBRID_EP_NUM_NVL_RANKS={group_size} if these GPUs "
+            "do reach each other"
+        )
+    return num_nvl_ranks
 
 
 class Buffer:
@@ -40,6 +64,12 @@ class Buffer:
         enable_shrink: allocate the rank mask used by the low-latency mask APIs.
         comm: an mpi4py communicator instead of `group` (not supported: pass a process group).
         allow_nvlink_for_normal_mode: keyword-only; False asks for the network-only normal mode.
+
+    Attributes:
+        num_nvl_ranks: ranks per NVLink domain (consecutive ranks form a domain), read once at construction: the
+            HYBRID_EP_NUM_NVL_RANKS override, else the NVML topology for an NCCL group, else (gloo, or no NVML)
+            the whole group. See docs/topology.md.
+        num_rdma_ranks: `group_size // num_nvl_ranks`, the number of NVLink domains in the group.
     """
 
     #: SMs the recommended configs use; set with `Buffer.set_num_sms`.
@@ -87,6 +117,9 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
         self.backend_name = str(dist.get_backend(group)).lower()
+        # NOTES: decided before any collective, so every rank of a host raises together when it is rejected.
+        self.num_nvl_ranks = nvl_ranks_for_buffer(self.group_size, self.backend_name, num_nvl_bytes)
+        self.num_rdma_ranks = self.group_size // self.num_nvl_ranks
         self._destroyed = False
         self.runtime: Any = None
         if "nccl" in self.backend_name:
@@ -238,7 +271,8 @@ class Buffer:
             previous_event, async_finish, allocate_on_comm_stream: as for `dispatch`.
         Returns:
             num_tokens_per_rank: `[num_ranks]` torch.int32.
-            num_tokens_per_rdma_rank: None (all ranks share one NVLink domain).
+            num_tokens_per_rdma_rank: `[num_rdma_ranks]` torch.int32, tokens with at least one expert in each NVLink
+                domain; None when all ranks share one domain (`num_nvl_ranks == group_size`).
             num_tokens_per_expert: `[num_experts]` torch.int32.
             is_token_in_rank: `[num_tokens, num_ranks]` torch.bool.
             event: an `EventOverlap`.
@@ -249,14 +283,14 @@ class Buffer:
 
         def run() -> tuple:
             if topk_idx.is_cuda and _ext.has_extension():
-                per_rank, _, per_expert, in_rank = _ext.require_extension("the layout kernel").get_dispatch_layout(
-                    topk_idx, num_experts, self.group_size, self.group_size
-                )
+                per_rank, per_domain, per_expert, in_rank = _ext.require_extension(
+                    "the layout kernel"
+                ).get_dispatch_layout(topk_idx, num_experts, self.group_size, self.num_nvl_ranks)
             else:
-                per_rank, _, per_expert, in_rank = reference.layout_unchecked(
-                    topk_idx, num_experts, self.group_size, self.group_size
+                per_rank, per_domain, per_expert, in_rank = reference.layout_unchecked(
+                    topk_idx, num_experts, self.group_size, self.num_nvl_ranks
                 )
-            return per_rank, None, per_expert, in_rank
+            return per_rank, per_domain, per_expert, in_rank
 
         outputs, event = self._on_comm_stream(run, (topk_idx,), previous_event, async_finish, allocate_on_comm_stream)
         return (*outputs, event)

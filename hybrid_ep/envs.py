@@ -57,6 +57,15 @@ def timeout_secs() -> float:
     return value
 
 
+def num_nvl_ranks() -> int | None:
+    """HYBRID_EP_NUM_NVL_RANKS (default unset): ranks per NVLink domain for `Buffer` (`Buffer.num_nvl_ranks`),
+    instead of what the NVML topology says. Returns: the value (a positive integer), or None when unset or empty."""
+    raw = os.environ.get("HYBRID_EP_NUM_NVL_RANKS")
+    if raw is None or raw.strip() == "":
+        return None
+    return env_int("HYBRID_EP_NUM_NVL_RANKS", 0, minimum=1)
+
+
 def topo_dump_file() -> str | None:
     """HYBRID_EP_TOPO_DUMP_FILE (default unset): `hybrid_ep.topology()` writes what it probed to this path as JSON."""
     raw = os.environ.get("HYBRID_EP_TOPO_DUMP_FILE")

@@ -158,6 +158,8 @@ def _local_gpu_indices(topo: dict[str, Any]) -> list[int]:
     if not torch.cuda.is_available():
         return []
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if not all(hasattr(props, name) for name in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+        return []
     bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
     return [gpu["index"] for gpu in topo["gpus"] if gpu["pci_bus_id"].upper() == bus_id]
 
@@ -184,11 +186,53 @@ def ranks_per_nvlink_domain(
     topo = topology()
     if not topo["available"] or not topo["nvlink_domains"]:
         return 1
+    return _smallest_local_domain(topo, num_ranks, local_gpu_indices)
+
+
+def _smallest_local_domain(topo: dict[str, Any], num_ranks: int, local_gpu_indices: list[int] | None) -> int:
+    """Returns: the size of the smallest NVLink domain of `topo` holding a local GPU (every domain when no local GPU
+    is known), capped by `num_ranks`; `topo` is available and has domains."""
     if local_gpu_indices is None:
         local_gpu_indices = _local_gpu_indices(topo)
     local = set(local_gpu_indices)
     sizes = [len(d) for d in topo["nvlink_domains"] if local & set(d)] or [len(d) for d in topo["nvlink_domains"]]
     return min(min(sizes), num_ranks)
+
+
+def nvl_ranks_for_group(
+    group_size: int, on_gpus: bool, override: int | None = None, local_gpu_indices: list[int] | None = None
+) -> int:
+    """How many consecutive ranks of a group share an NVLink domain, as `Buffer.num_nvl_ranks`.
+
+    Arguments:
+        group_size: ranks in the group.
+        on_gpus: the group runs on GPUs (NCCL); False for a CPU (gloo) group, which has no NVLink.
+        override: an explicit answer (HYBRID_EP_NUM_NVL_RANKS), capped by `group_size`; it wins over the probe.
+        local_gpu_indices: as for `ranks_per_nvlink_domain`.
+    Returns:
+        `override` capped by `group_size` if given; else `group_size` for a CPU group, and for a GPU group whose
+        topology is unavailable (no NVML, no extension: one domain, as assumed without a probe); else
+        `ranks_per_nvlink_domain(group_size, local_gpu_indices)`. Raises ValueError when the result does not
+        divide `group_size`.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if override is not None:
+        num_nvl_ranks = min(ranks_per_nvlink_domain(group_size, override=override), group_size)
+    elif not on_gpus:
+        num_nvl_ranks = group_size
+    else:
+        topo = topology()
+        if topo["available"] and topo["nvlink_domains"]:
+            num_nvl_ranks = _smallest_local_domain(topo, group_size, local_gpu_indices)
+        else:
+            num_nvl_ranks = group_size
+    if group_size % num_nvl_ranks != 0:
+        raise ValueError(
+            f"{num_nvl_ranks} ranks per NVLink domain do not divide the group of {group_size} ranks; set "
+            f"HYBRID_EP_NUM_NVL_RANKS to a divisor of {group_size}"
+        )
+    return num_nvl_ranks
 
 
 def from_raw_nvml_dump(raw: dict[str, Any]) -> dict[str, Any]:

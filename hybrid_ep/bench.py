@@ -157,6 +157,19 @@ def make_inputs(args: argparse.Namespace, rank: int, num_ranks: int, device: tor
     return Inputs(x, x_fp8, topk_idx, topk_weights)
 
 
+def dispatch_layout(buffer: Buffer, inputs: Inputs, num_experts: int) -> dict[str, Any]:
+    """Returns: the keyword arguments of a non-cached `buffer.dispatch` of `inputs` (layout from
+    `buffer.get_dispatch_layout`, top-k indices and weights)."""
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, num_experts)
+    return dict(
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inputs.topk_idx,
+        topk_weights=inputs.topk_weights,
+    )
+
+
 def nvl_bytes_for(configs: Sequence[Config], hidden: int, num_ranks: int) -> int:
     """Returns: the NVLink buffer bytes that fit every config in `configs` at rows of `hidden` BF16 channels (the
     largest `Config.get_nvl_buffer_size_hint`)."""
@@ -534,14 +547,8 @@ def _bench_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace, run_dir
 
     inputs = make_inputs(args, rank, num_ranks, device)
     x_in = inputs.x_fp8 if fp8 else inputs.x
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, args.num_experts)
-    layout = dict(
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=inputs.topk_idx,
-        topk_weights=inputs.topk_weights,
-    )
+    layout = dispatch_layout(buffer, inputs, args.num_experts)
+    per_rank, in_rank = layout["num_tokens_per_rank"], layout["is_token_in_rank"]
     matrix = token_matrix(pg, per_rank)
     recv_rows = [int(v) for v in matrix.sum(0).tolist()]
     dispatch_bytes = [n * row_bytes(args.hidden_size, args.data_type) for n in recv_rows]

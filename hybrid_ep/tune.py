@@ -40,6 +40,7 @@ from .bench import (
     add_workload_arguments,
     check_workload_arguments,
     device_num_sms,
+    dispatch_layout,
     make_inputs,
     nvl_bytes_for,
     row_bytes,
@@ -199,14 +200,8 @@ def _tune_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace) -> None:
 
     inputs = make_inputs(args, rank, num_ranks, device)
     assert inputs.x_fp8 is not None  # hidden is a multiple of 128 (checked with the arguments)
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, args.num_experts)
-    layout = dict(
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=inputs.topk_idx,
-        topk_weights=inputs.topk_weights,
-    )
+    layout = dispatch_layout(buffer, inputs, args.num_experts)
+    per_rank = layout["num_tokens_per_rank"]
     num_recv = int(token_matrix(pg, per_rank).sum(0)[0])
     num_bytes = {
         "dispatch_bf16": num_recv * row_bytes(args.hidden_size, "bfloat16"),

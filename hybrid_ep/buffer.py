@@ -326,7 +326,10 @@ class Buffer:
             topk_weights: `[num_tokens, num_topk]` torch.float32 or None (given with topk_idx).
             expert_alignment: round each per-expert receive count up to a multiple of this.
             num_worst_tokens: if > 0, outputs have exactly this many rows (the real ones first) and the per-expert
-                list is empty: the fixed shapes CUDA graphs need.
+                list is empty: the fixed shapes CUDA graphs need. Outside a graph capture the call still reads the
+                counts on the host, so a rank receiving more rows raises ValueError on every rank; inside a capture
+                nothing waits on the host and such an overflow stops every rank's kernel with a printed message.
+                Under capture, a dispatch without a handle needs num_worst_tokens > 0 (RuntimeError otherwise).
             config: a `Config`; default `get_dispatch_config(num_ranks)`.
             previous_event: an `EventOverlap` the call waits for instead of the current stream.
             async_finish: return an event instead of making the current stream wait for the call.
@@ -609,22 +612,34 @@ class Buffer:
         self._check_nvl_bytes(config, hidden_bytes, num_channels)
         num_local_experts = num_experts // num_ranks
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
+        # NOTES: under CUDA graph capture no kernel runs, so the host cannot read the received counts: only the
+        # fixed-size path (num_worst_tokens) can be captured, and its overflow check moves onto the device.
+        capturing = torch.cuda.is_current_stream_capturing()
+        if capturing and num_worst_tokens == 0:
+            raise RuntimeError(
+                "dispatch cannot be captured in a CUDA graph with num_worst_tokens=0: the output size would need the "
+                "received token count on the host (a synchronisation); pass num_worst_tokens > 0 (fixed-size "
+                "outputs) or a handle (cached dispatch)"
+            )
 
         def run() -> tuple:
             rpm, cpm, rcpm, send_head, _ = runtime.notify_dispatch(
                 num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, num_channels, expert_alignment,
-                num_worst_tokens,
+                num_worst_tokens, capturing,
             )  # fmt: skip
-            num_recv, per_expert, (overflow_rank, overflow_rows, overflow_worst) = runtime.wait_recv_counts(
-                num_local_experts
-            )
-            if overflow_rank >= 0:
-                # Every rank read the same counts, so every rank raises here and none enters the kernel.
-                raise ValueError(
-                    f"num_worst_tokens={overflow_worst} on rank {overflow_rank} is smaller than the {overflow_rows} "
-                    "tokens that rank receives"
+            if capturing:
+                num_out_rows, per_expert = num_worst_tokens, []
+            else:
+                num_recv, per_expert, (overflow_rank, overflow_rows, overflow_worst) = runtime.wait_recv_counts(
+                    num_local_experts
                 )
-            num_out_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
+                if overflow_rank >= 0:
+                    # Every rank read the same counts, so every rank raises here and none enters the kernel.
+                    raise ValueError(
+                        f"num_worst_tokens={overflow_worst} on rank {overflow_rank} is smaller than the "
+                        f"{overflow_rows} tokens that rank receives"
+                    )
+                num_out_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
             recv_x, recv_scales, recv_idx, recv_w = new_outputs(num_out_rows, num_topk)
             recv_src_idx = torch.empty((num_out_rows,), dtype=torch.int32, device=device)
             runtime.dispatch(

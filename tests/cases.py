@@ -11,7 +11,7 @@ for thousands of tokens, and add every entry of the dispatch handle.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -329,3 +329,29 @@ def dispatch_routed(buffer, x, inp: Inputs, rank: int, num_experts: int, **kwarg
     """Layout, then dispatch of `x` with `rank`'s routing and weights. Returns: dispatch's outputs."""
     layout = layout_kwargs(buffer, inp.topk_idx[rank], num_experts)
     return buffer.dispatch(x, **layout, topk_idx=inp.topk_idx[rank], topk_weights=inp.topk_weights[rank], **kwargs)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Returns: `t` reinterpreted as integers of its element size, so -0.0 differs from +0.0 and NaN equals NaN."""
+    if t.dtype == torch.bool:
+        return t
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(as_int)
+
+
+def check(what: str, got: Any, want: torch.Tensor) -> None:
+    """Asserts `got` equals `want` bit for bit, with the same dtype, shape and device; the message names `what`
+    and the first element that differs."""
+    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, expected {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {list(got.shape)}, expected {list(want.shape)}"
+    assert got.device == want.device, f"{what}: on {got.device}, expected {want.device}"
+    a, b = _bits(got), _bits(want)
+    if not torch.equal(a, b):
+        differ = (a != b).nonzero()
+        first = tuple(differ[0].tolist())
+        show = lambda t: t[first].float().item() if t.is_floating_point() else t[first].item()  # noqa: E731
+        raise AssertionError(
+            f"{what}: {differ.size(0)} of {a.numel()} elements differ; first at {list(first)}: got {show(got)}, "
+            f"expected {show(want)}"
+        )

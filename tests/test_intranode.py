@@ -32,6 +32,7 @@ from cases import (
     ROUTINGS,
     Scenario,
     align,
+    check,
     expected_combine,
     expected_combine_fast,
     expected_dispatch,
@@ -78,33 +79,7 @@ def nvl_bytes_for(cases: list[Case], num_ranks: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checks
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Returns: `t` reinterpreted as integers of its element size, so -0.0 differs from +0.0 and NaN equals NaN."""
-    if t.dtype == torch.bool:
-        return t
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(as_int)
-
-
-def check(what: str, got: Any, want: torch.Tensor) -> None:
-    """Asserts `got` equals `want` bit for bit, with the same dtype, shape and device; the message names `what`
-    and the first element that differs."""
-    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}"
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, expected {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {list(got.shape)}, expected {list(want.shape)}"
-    assert got.device == want.device, f"{what}: on {got.device}, expected {want.device}"
-    a, b = _bits(got), _bits(want)
-    if not torch.equal(a, b):
-        differ = (a != b).nonzero()
-        first = tuple(differ[0].tolist())
-        show = lambda t: t[first].float().item() if t.is_floating_point() else t[first].item()  # noqa: E731
-        raise AssertionError(
-            f"{what}: {differ.size(0)} of {a.numel()} elements differ; first at {list(first)}: got {show(got)}, "
-            f"expected {show(want)}"
-        )
+# Inputs and one case
 
 
 def seeded_bias(s: Scenario, rank: int, num_biases: int, device: torch.device) -> list[torch.Tensor]:

@@ -75,6 +75,8 @@ struct NotifyDispatchParams {
     int num_channels;                 // channels of channel_prefix_matrix, >= 1
     int expert_alignment;             // receive counts are rounded up to a multiple of this, >= 1
     int num_worst_tokens;             // this rank's fixed output rows, 0 for none
+    int trap_on_overflow;             // 1: no host reads the overflow entries (CUDA graph capture), so an overflow
+                                      // prints a message and traps on every rank instead
     int* rank_prefix_matrix;          // out [num_ranks, num_ranks]: [i][j] = tokens ranks 0..i send to rank j
     int* channel_prefix_matrix;       // out [num_ranks, num_channels]: [j][c] = this rank's tokens to j, channels 0..c
     int* recv_channel_prefix_matrix;  // out [num_ranks, num_channels]: first receive row of source i's channel c

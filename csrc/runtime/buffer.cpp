@@ -140,7 +140,7 @@ at::Tensor NvlRuntime::buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NvlRuntime::notify_dispatch(
     const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert, const at::Tensor& is_token_in_rank,
-    int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens) {
+    int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens, bool trap_on_overflow) {
     HEP_CHECK(peers_open_, "notify_dispatch: open_peers has not run");
     const auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
         HEP_CHECK(t.is_cuda() && t.device().index() == device_idx_, name, " must be on cuda:", device_idx_, ", got ",
@@ -184,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NvlRuntim
     params.num_channels = static_cast<int>(num_channels);
     params.expert_alignment = static_cast<int>(expert_alignment);
     params.num_worst_tokens = static_cast<int>(num_worst_tokens);
+    params.trap_on_overflow = trap_on_overflow ? 1 : 0;
     params.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
     params.channel_prefix_matrix = channel_prefix_matrix.data_ptr<int>();
     params.num_recv_tokens_per_expert = num_recv_tokens_per_expert.data_ptr<int>();
@@ -438,7 +439,8 @@ void register_apis(pybind11::module_& m) {
              pybind11::arg("offset"), pybind11::arg("num_bytes"))
         .def("notify_dispatch", &NvlRuntime::notify_dispatch, pybind11::arg("num_tokens_per_rank"),
              pybind11::arg("num_tokens_per_expert"), pybind11::arg("is_token_in_rank"), pybind11::arg("num_channels"),
-             pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens") = 0)
+             pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens") = 0,
+             pybind11::arg("trap_on_overflow") = false)
         .def("dispatch", &NvlRuntime::dispatch, pybind11::arg("x"), pybind11::arg("x_scales"),
              pybind11::arg("topk_idx"), pybind11::arg("topk_weights"), pybind11::arg("send_head"),
              pybind11::arg("rank_prefix_matrix"), pybind11::arg("recv_x"), pybind11::arg("recv_scales"),

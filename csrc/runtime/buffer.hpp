@@ -41,13 +41,16 @@ public:
     at::Tensor buffer_tensor(int rank_idx, at::ScalarType dtype, int64_t offset, int64_t num_bytes) const;
     // Enqueues the count exchange of a dispatch on the current stream (kernels/intranode/notify.cu).
     // Arguments: the layout tensors of get_dispatch_layout (int32 [num_ranks], int32 [num_experts], bool
-    //     [num_tokens, num_ranks], on this device), the handle's channel count and the expert alignment.
+    //     [num_tokens, num_ranks], on this device), the handle's channel count and the expert alignment;
+    //     `trap_on_overflow` for callers that never read the counts (CUDA graph capture): a rank receiving more
+    //     than its num_worst_tokens rows then stops every rank with a printed message.
     // Returns: (rank_prefix_matrix [num_ranks, num_ranks], channel_prefix_matrix [num_ranks, num_channels],
     //     recv_channel_prefix_matrix [num_ranks, num_channels], send_head [num_tokens, num_ranks],
     //     num_recv_tokens_per_expert [num_local_experts]), int32 tensors written by the kernel.
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> notify_dispatch(
         const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert,
-        const at::Tensor& is_token_in_rank, int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens);
+        const at::Tensor& is_token_in_rank, int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens,
+        bool trap_on_overflow);
     // Enqueues the dispatch kernel on the current stream (kernels/intranode/dispatch.cu); the rings must be idle
     // (notify_dispatch or barrier just before). Outputs are allocated by the caller with `num_out_rows` rows.
     // Arguments: x [num_tokens, hidden] (BF16 or FP8 bytes), x_scales [num_tokens, hidden / 128] float32 (any

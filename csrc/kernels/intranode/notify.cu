@@ -163,6 +163,14 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
             if (worst > 0 && rows > worst)
                 overflow_rank = r, overflow_rows = rows, overflow_worst = worst;
         }
+        if (params.trap_on_overflow && overflow_rank >= 0) {
+            // NOTES: every rank found the same overflow, so all of them stop here and no peer waits for them.
+            printf(
+                "hybrid_ep dispatch: num_worst_tokens=%d on rank %d is smaller than the %d tokens that rank "
+                "receives (seen by rank %d); raise num_worst_tokens\n",
+                overflow_worst, overflow_rank, overflow_rows, rank);
+            __trap();
+        }
         params.host_recv_counts[kHostOverflowOffset] = overflow_rank;
         params.host_recv_counts[kHostOverflowOffset + 1] = overflow_rows;
         params.host_recv_counts[kHostOverflowOffset + 2] = overflow_worst;

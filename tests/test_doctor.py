@@ -54,6 +54,7 @@ def test_json(tmp_path):
     "topo_file, row0",
     [
         ("topo_h200x2.json", ["X", "NV18"]),
+        ("topo_h200x2_probed.json", ["X", "SW"]),
         ("topo_h200x4.json", ["X", "SW", "SW", "SW"]),
         ("topo_partial.json", ["X", "NV4", "PCIe", "PCIe"]),
         ("topo_pcie_only.json", ["X", "PCIe", "PCIe", "PCIe"]),

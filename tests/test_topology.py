@@ -37,6 +37,7 @@ def no_topo_env(monkeypatch):
         ("topo_h200x4.json", [[0, 1, 2, 3]]),
         ("topo_h200x4_probed.json", [[0, 1, 2, 3]]),  # probed by _C on 4 H200 GPUs (fabric info present)
         ("topo_h200x2.json", [[0, 1]]),
+        ("topo_h200x2_probed.json", [[0, 1]]),  # probed by _C on 2 H200 GPUs (18 links, each to the switch)
         ("topo_pcie_only.json", [[0], [1], [2], [3]]),
         ("topo_partial.json", [[0, 1], [2, 3]]),
     ],
@@ -166,6 +167,8 @@ def test_ranks_per_nvlink_domain_without_topology(monkeypatch):
         ("topo_h200x4.json", 2, 2),
         ("topo_h200x4.json", 8, 4),
         ("topo_h200x2.json", 4, 2),
+        ("topo_h200x2_probed.json", 2, 2),
+        ("topo_h200x2_probed.json", 4, 2),
         ("topo_pcie_only.json", 4, 1),
         ("topo_partial.json", 4, 2),
     ],

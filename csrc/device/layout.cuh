@@ -3,7 +3,7 @@
 //
 //   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | pad to 128 B ]
 //   [ notify slots: int[kNumMaxNvlRanks][kNumNotifySlotInts] | pad to 128 B ]
-//   [ ring tails, heads, starts: each int[kNumMaxBlocks][kNumMaxNvlRanks] | pad to 128 B ]
+//   [ ring tails, heads, starts: each int[kNumMaxRings][kNumMaxNvlRanks] | pad to 128 B ]
 //   [ data: num_nvl_bytes ]
 //
 // Notify slot s of rank r's buffer is written by source rank s: its token count to every rank (kNumMaxNvlRanks ints),
@@ -41,6 +41,8 @@ constexpr int kNumMaxLocalExperts = 1024;
 // Most channels of a dispatch (Config.num_sms / 2), and most blocks of an intranode kernel.
 constexpr int kNumMaxChannels = 64;
 constexpr int kNumMaxBlocks = 2 * kNumMaxChannels;
+// Most rings per (rank, source) pair: a dispatch block may run several senders, each with its own ring.
+constexpr int kNumMaxRings = 2 * kNumMaxBlocks;
 // Offsets (ints) inside one notify slot, and its size.
 constexpr int kSlotExpertOffset = kNumMaxNvlRanks;
 constexpr int kSlotChannelOffset = kSlotExpertOffset + kNumMaxLocalExperts;
@@ -64,13 +66,13 @@ struct NvlBufferLayout {
         return align(notify_offset() + sizeof(int) * kNumMaxNvlRanks * kNumNotifySlotInts);
     }
     HEP_HOST_DEVICE static constexpr size_t heads_offset() {
-        return tails_offset() + sizeof(int) * kNumMaxBlocks * kNumMaxNvlRanks;
+        return tails_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
     }
     HEP_HOST_DEVICE static constexpr size_t starts_offset() {
-        return heads_offset() + sizeof(int) * kNumMaxBlocks * kNumMaxNvlRanks;
+        return heads_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
     }
     HEP_HOST_DEVICE static constexpr size_t data_offset() {
-        return align(starts_offset() + sizeof(int) * kNumMaxBlocks * kNumMaxNvlRanks);
+        return align(starts_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks);
     }
     HEP_HOST_DEVICE size_t num_total_bytes() const { return data_offset() + num_data_bytes; }
 
@@ -86,20 +88,20 @@ struct NvlBufferLayout {
     HEP_HOST_DEVICE static int* notify_slot(void* base, int src_rank) {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + notify_offset()) + src_rank * kNumNotifySlotInts;
     }
-    // Tail of ring (block_idx, src_rank) in the buffer starting at `base`: rows the source has written into it.
-    HEP_HOST_DEVICE static int* tail(void* base, int block_idx, int src_rank) {
-        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + tails_offset()) + block_idx * kNumMaxNvlRanks +
+    // Tail of ring (ring_idx, src_rank) in the buffer starting at `base`: rows the source has written into it.
+    HEP_HOST_DEVICE static int* tail(void* base, int ring_idx, int src_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + tails_offset()) + ring_idx * kNumMaxNvlRanks +
                src_rank;
     }
-    // Head of the ring (block_idx) that this buffer's owner writes at rank `dst_rank`: rows `dst_rank` has read.
-    HEP_HOST_DEVICE static int* head(void* base, int block_idx, int dst_rank) {
-        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + heads_offset()) + block_idx * kNumMaxNvlRanks +
+    // Head of the ring (ring_idx) that this buffer's owner writes at rank `dst_rank`: rows `dst_rank` has read.
+    HEP_HOST_DEVICE static int* head(void* base, int ring_idx, int dst_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + heads_offset()) + ring_idx * kNumMaxNvlRanks +
                dst_rank;
     }
-    // First receive row of ring (block_idx, src_rank)'s rows in a dispatch, written by the source before its first
+    // First receive row of ring (ring_idx, src_rank)'s rows in a dispatch, written by the source before its first
     // tail update of the call.
-    HEP_HOST_DEVICE static int* start(void* base, int block_idx, int src_rank) {
-        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + starts_offset()) + block_idx * kNumMaxNvlRanks +
+    HEP_HOST_DEVICE static int* start(void* base, int ring_idx, int src_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + starts_offset()) + ring_idx * kNumMaxNvlRanks +
                src_rank;
     }
     // Start of the data region of the buffer starting at `base`.
@@ -132,12 +134,13 @@ struct CombineMetaLayout {
     HEP_HOST_DEVICE int num_bytes() const { return align16(4 + 4 * num_topk); }
 };
 
-// The rings of one dispatch or combine call in the data region: one ring per (block, source rank), each holding
-// `num_slots` rows as [ x: num_slots x num_x_bytes ][ meta: num_slots x num_meta_bytes ].
+// The rings of one dispatch or combine call in the data region: one ring per (sender, source rank), each holding
+// `num_slots` rows as [ x: num_slots x num_x_bytes ][ meta: num_slots x num_meta_bytes ]. A block with k senders
+// owns k rings per source, which share the Config's ring slots (so the bytes are those of one ring per block).
 struct RingLayout {
     int num_ranks;       // ranks of the domain
-    int num_blocks;      // blocks of the kernel
-    int num_slots;       // ring capacity in rows (Config.num_max_nvl_chunked_recv_tokens)
+    int num_rings;       // rings per source rank: the kernel's blocks, times its senders per block
+    int num_slots;       // ring capacity in rows (Config.num_max_nvl_chunked_recv_tokens / senders per block)
     int num_x_bytes;     // bytes of one row's data, a multiple of 16
     int num_meta_bytes;  // bytes of one row's metadata, a multiple of 16
 
@@ -146,18 +149,18 @@ struct RingLayout {
     }
     // Bytes of the data region all rings take.
     HEP_HOST_DEVICE size_t num_bytes() const {
-        return static_cast<size_t>(num_blocks) * static_cast<size_t>(num_ranks) * num_ring_bytes();
+        return static_cast<size_t>(num_rings) * static_cast<size_t>(num_ranks) * num_ring_bytes();
     }
-    HEP_HOST_DEVICE uint8_t* ring(void* base, int block_idx, int src_rank) const {
-        return NvlBufferLayout::data(base) + (static_cast<size_t>(block_idx) * num_ranks + src_rank) * num_ring_bytes();
+    HEP_HOST_DEVICE uint8_t* ring(void* base, int ring_idx, int src_rank) const {
+        return NvlBufferLayout::data(base) + (static_cast<size_t>(ring_idx) * num_ranks + src_rank) * num_ring_bytes();
     }
-    // Row data of slot `slot_idx` of ring (block_idx, src_rank) in the buffer starting at `base`.
-    HEP_HOST_DEVICE uint8_t* x(void* base, int block_idx, int src_rank, int slot_idx) const {
-        return ring(base, block_idx, src_rank) + static_cast<size_t>(slot_idx) * num_x_bytes;
+    // Row data of slot `slot_idx` of ring (ring_idx, src_rank) in the buffer starting at `base`.
+    HEP_HOST_DEVICE uint8_t* x(void* base, int ring_idx, int src_rank, int slot_idx) const {
+        return ring(base, ring_idx, src_rank) + static_cast<size_t>(slot_idx) * num_x_bytes;
     }
-    // Metadata of slot `slot_idx` of ring (block_idx, src_rank).
-    HEP_HOST_DEVICE uint8_t* meta(void* base, int block_idx, int src_rank, int slot_idx) const {
-        return ring(base, block_idx, src_rank) + static_cast<size_t>(num_slots) * num_x_bytes +
+    // Metadata of slot `slot_idx` of ring (ring_idx, src_rank).
+    HEP_HOST_DEVICE uint8_t* meta(void* base, int ring_idx, int src_rank, int slot_idx) const {
+        return ring(base, ring_idx, src_rank) + static_cast<size_t>(num_slots) * num_x_bytes +
                static_cast<size_t>(slot_idx) * num_meta_bytes;
     }
 };

@@ -46,7 +46,7 @@ __device__ __forceinline__ void nvl_barrier(void* const* buffer_ptrs, int rank, 
 __device__ __forceinline__ void reset_ring_counters(void* local_buffer) {
     int* tails = NvlBufferLayout::tail(local_buffer, 0, 0);
     int* heads = NvlBufferLayout::head(local_buffer, 0, 0);
-    for (int i = threadIdx.x; i < kNumMaxBlocks * kNumMaxNvlRanks; i += blockDim.x)
+    for (int i = threadIdx.x; i < kNumMaxRings * kNumMaxNvlRanks; i += blockDim.x)
         tails[i] = heads[i] = 0;
     __syncthreads();
 }

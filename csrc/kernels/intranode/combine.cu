@@ -7,15 +7,18 @@
 // same everywhere (it depends on every rank's token count, published by notify_combine) and makes a unit's rows
 // from one rank fit one ring, which keeps the rings deadlock-free: a sender never waits on a ring for rows of the
 // unit it is sending, only for the previous unit's rows, which every reducer can finish.
-// Each block has one sender warp and kNumReduceWarps reducer warps:
-//   * sender (warp 0): for each unit, the rows this rank holds for each peer s are a contiguous range (found by
-//     binary search in recv_src_idx inside the dispatch's channel range); the rows of the peers are interleaved
+// Each block has kNumSenders sender warps and kNumReduceWarps reducer warps:
+//   * senders (warps 0..kNumSenders-1): the peers are shared out among them (sender w takes runs w, w + kNumSenders,
+//     ...), so each ring still has one writer and each sender issues from its own lane, shared memory and bulk
+//     groups. For each unit, the rows this rank holds for each peer s are a contiguous range (found by
+//     binary search in recv_src_idx inside the dispatch's channel range); a sender interleaves the rows of its peers
 //     (one per peer in turn) so every peer's reducers advance together, and lane 0 runs the bulk-copy pipeline of
 //     device/bulk_pipeline.cuh (global -> shared -> ring of s in block b) with the source token and the weights as
 //     metadata, publishing tails (one system-scope fence, relaxed stores) every num_chunk_tokens rows for the rows
 //     kPublishLag back, and at the end of each unit. Slots are reused after the reducer's head passed them
 //     (bounded wait).
-//   * reducers (warps 1..): batches of up to 32 tokens of the unit; every warp reads the routing of the batch,
+//   * reducers (warps kNumSenders..): batches of up to 32 tokens of the unit; every warp reads the routing of the
+//   batch,
 //     waits (bounded) until each peer's tail covers the batch, then takes every kNumReduceWarps-th token and sums
 //     bias_0, bias_1 and the copies from ranks 0..R-1 (this rank's own copy read from x directly); then the leader
 //     releases the heads into the peers' buffers.
@@ -39,8 +42,11 @@ namespace hybrid_ep::kernels {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kNumReduceWarps = 11;
-constexpr int kNumThreads = (1 + kNumReduceWarps) * kWarpSize;
+// NOTES: one issuing lane per block was the limit (reducers waited for tails about 60% of the time). Three senders
+// serve the three peers of a 4-rank domain one each; 12 warps keep 168 registers per thread for the reducers.
+constexpr int kNumSenders = 3;
+constexpr int kNumReduceWarps = 9;
+constexpr int kNumThreads = (kNumSenders + kNumReduceWarps) * kWarpSize;
 constexpr int kMaxBatchTokens = 32;
 
 // The unit split every rank agrees on.
@@ -115,14 +121,19 @@ __device__ __forceinline__ int lower_bound(const int* recv_src_idx, int begin, i
 }
 
 template <int kNumStages, int kNumPrefetch, int kPublishLag>
-__device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8_t* smem, int block_idx) {
+__device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8_t* smem, int block_idx,
+                           int sender_idx) {
     static_assert(kNumPrefetch >= 0 && kNumPrefetch + 1 < kNumStages, "prefetch depth must be below the stage count");
     constexpr int kNumReadPending = kNumStages - kNumPrefetch - 1;
     constexpr int kHistoryDepth = kPublishLag + 1;
-    __shared__ SenderState state;
-    __shared__ SentHistory<kHistoryDepth> history;
-    __shared__ StageBarriers<kNumStages> stages;
-    __shared__ int stage_dst[kNumStages];  // destination rank of the stage's row
+    __shared__ SenderState states[kNumSenders];
+    __shared__ SentHistory<kHistoryDepth> histories[kNumSenders];
+    __shared__ StageBarriers<kNumStages> all_stages[kNumSenders];
+    __shared__ int all_stage_dst[kNumSenders][kNumStages];  // destination rank of a stage's row
+    SenderState& state = states[sender_idx];
+    SentHistory<kHistoryDepth>& history = histories[sender_idx];
+    StageBarriers<kNumStages>& stages = all_stages[sender_idx];
+    int* stage_dst = all_stage_dst[sender_idx];
 
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks, num_channels = p.num_channels;
@@ -131,6 +142,9 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
     const RingLayout rings{num_ranks, p.num_blocks, p.num_ring_slots, num_row_bytes, meta_layout.num_bytes()};
     const int stage_stride = (num_row_bytes + meta_layout.num_bytes() + 127) / 128 * 128;
     const int num_runs = num_ranks - 1;
+    // This sender's runs: w, w + kNumSenders, ... of the unit's num_runs (one per peer).
+    const int num_my_runs = sender_idx < num_runs ? (num_runs - sender_idx + kNumSenders - 1) / kNumSenders : 0;
+    smem += sender_idx * kNumStages * stage_stride;
 
     if (lane_idx < kNumMaxKernelRanks)
         state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = 0;
@@ -157,11 +171,12 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
     int num_items_before = 0;  // rows sent by this block in earlier units: stage and phase keep counting
     for (int unit_idx = block_idx; unit_idx < split.num_units; unit_idx += p.num_blocks) {
         const int channel = unit_idx / split.num_parts;
-        // Lane i < R - 1: one peer (rotated by block, so the blocks of a rank start on different peers) and its
-        // contiguous run of rows for this unit.
+        // Lane l < num_my_runs: run i = sender_idx + l * kNumSenders, one peer (rotated by block, so the blocks of a
+        // rank start on different peers) and its contiguous run of rows for this unit.
         int run_count = 0;
-        if (lane_idx < num_runs) {
-            const int s = (rank + 1 + (block_idx + lane_idx) % num_runs) % num_ranks;
+        if (lane_idx < num_my_runs) {
+            const int i = sender_idx + lane_idx * kNumSenders;
+            const int s = (rank + 1 + (block_idx + i) % num_runs) % num_ranks;
             const int rows_begin = p.recv_channel_prefix_matrix[s * num_channels + channel];
             const int rows_end = channel + 1 < num_channels
                                      ? p.recv_channel_prefix_matrix[s * num_channels + channel + 1]
@@ -182,13 +197,13 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
 
         // The unit's rows, interleaved over the destinations (one from each run with rows left, in turn), so every
         // peer's reducers progress at the same pace. Lane 0 advances the cursor; every lane gets (destination, row).
-        int cursor_run = num_runs - 1;
+        int cursor_run = num_my_runs - 1;
         const auto next_item = [&](int& dst_rank, int& row) {
             int run = 0, pos = 0;
             if (lane_idx == 0) {
                 run = cursor_run;
                 do
-                    run = (run + 1) % num_runs;
+                    run = (run + 1) % num_my_runs;
                 while (state.run_pos[run] >= state.run_count[run]);
                 cursor_run = run;
                 pos = state.run_pos[run]++;
@@ -248,9 +263,10 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                         const bool is_full = sent - state.head_seen[dst_rank] >= p.num_ring_slots;
                         if (is_full && is_last_check)
                             printf(
-                                "hybrid_ep combine timeout: rank %d, block %d waits for peer %d to free a ring "
-                                "slot: expected head > %d, observed %d\n",
-                                rank, block_idx, dst_rank, sent - p.num_ring_slots, state.head_seen[dst_rank]);
+                                "hybrid_ep combine timeout: rank %d, block %d, sender %d waits for peer %d to free a "
+                                "ring slot: expected head > %d, observed %d\n",
+                                rank, block_idx, sender_idx, dst_rank, sent - p.num_ring_slots,
+                                state.head_seen[dst_rank]);
                         return is_full;
                     });
                     ptx::fence_proxy_async_global();
@@ -485,10 +501,10 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(const __grid_co
     __syncthreads();
 
     const int warp_idx = threadIdx.x / kWarpSize;
-    if (warp_idx == 0)
-        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, split, smem, blockIdx.x);
+    if (warp_idx < kNumSenders)
+        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, split, smem, blockIdx.x, warp_idx);
     else
-        run_reducer<kMaxRanks>(params, split, blockIdx.x, warp_idx - 1);
+        run_reducer<kMaxRanks>(params, split, blockIdx.x, warp_idx - kNumSenders);
 }
 
 }  // namespace
@@ -515,8 +531,8 @@ void check_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_l
               "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)");
 
     const int stage_bytes = (params.hidden * 2 + meta_layout.num_bytes() + 127) / 128 * 128;
-    HEP_CHECK(2 * stage_bytes + 8 * 1024 <= smem_limit, "combine: a row of ", params.hidden * 2,
-              " bytes is too wide for shared memory (", smem_limit, " bytes per block)");
+    HEP_CHECK(kNumSenders * 2 * stage_bytes + 8 * 1024 <= smem_limit, "combine: a row of ", params.hidden * 2,
+              " bytes is too wide for shared memory (", smem_limit, " bytes per block, ", kNumSenders, " senders)");
 }
 
 void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit, cudaStream_t stream) {
@@ -525,23 +541,24 @@ void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int sm
     const int stage_bytes = (params.hidden * 2 + meta_layout.num_bytes() + 127) / 128 * 128;
     const int static_smem = 8 * 1024;
     const auto launch = [&](auto kernel, int num_stages) {
-        const size_t smem = static_cast<size_t>(num_stages) * stage_bytes;
+        const size_t smem = static_cast<size_t>(kNumSenders) * num_stages * stage_bytes;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         kernel<<<params.num_blocks, kNumThreads, smem, stream>>>(params);
     };
+    const auto fits = [&](int num_stages) {
+        return kNumSenders * num_stages * stage_bytes + static_smem <= smem_limit;
+    };
+    // Each sender gets its own stages; wider rows get fewer (check_combine guarantees two).
     const auto launch_ranks = [&](auto ranks_tag) {
         constexpr int kMaxRanks = decltype(ranks_tag)::value;
-        if (12 * stage_bytes + static_smem <= smem_limit)
-            launch(combine_kernel<kMaxRanks, 12, 5, 8>, 12);
-        else if (8 * stage_bytes + static_smem <= smem_limit)
+        if (fits(8))
             launch(combine_kernel<kMaxRanks, 8, 3, 6>, 8);
-        else if (4 * stage_bytes + static_smem <= smem_limit)
-            launch(combine_kernel<kMaxRanks, 4, 2, 4>, 4);
-        else if (2 * stage_bytes + static_smem <= smem_limit)
-            launch(combine_kernel<kMaxRanks, 2, 0, 2>, 2);
+        else if (fits(6))
+            launch(combine_kernel<kMaxRanks, 6, 2, 4>, 6);
+        else if (fits(4))
+            launch(combine_kernel<kMaxRanks, 4, 1, 3>, 4);
         else
-            HEP_CHECK(false, "combine: a row of ", params.hidden * 2, " bytes is too wide for shared memory (",
-                      smem_limit, " bytes per block)");
+            launch(combine_kernel<kMaxRanks, 2, 0, 2>, 2);
     };
     if (params.num_ranks <= 2)
         launch_ranks(std::integral_constant<int, 2>{});

@@ -1,22 +1,27 @@
 // `intranode_dispatch`: moves rows over NVLink into per-(block, source) rings of the receivers, which copy them out.
 //
 // Grid: 2 blocks per channel; block b sends the tokens of one half of channel b / 2 (contiguous) and receives what
-// block b of every peer sends. Each block has one sender warp and kNumRecvWarps receiver warps:
-//   * sender (warp 0): lane 0 runs the bulk-copy pipeline of device/bulk_pipeline.cuh. Token k + kNumPrefetch + 1
-//     is loaded global -> shared (TMA, completion on the stage's mbarrier) while token k is stored shared -> peer
-//     ring (TMA) for every destination `send_head` names, one bulk group per token, its metadata (source index,
-//     top-k, weights, scales, loaded into registers one token ahead and written into the stage by all lanes) with
-//     it. This rank's own rows go straight into the outputs. A stage is refilled once its stores have read it
+// block b of every peer sends. Each block has kNumSenders sender warps and kNumRecvWarps receiver warps; sender w
+// of block b takes the w-th contiguous part of the block's tokens and owns ring r = b * kNumSenders + w at every
+// peer (the Config's ring slots are shared out among a block's senders):
+//   * senders (warps 0..kNumSenders-1): lane 0 of each runs the bulk-copy pipeline of device/bulk_pipeline.cuh, in
+//     its own part of shared memory and with its own bulk groups (only the issuing thread can wait for them), so a
+//     block keeps several rows per clock cycle in flight where one lane issuing everything would limit it. Token k +
+//     kNumPrefetch + 1 is loaded global -> shared (TMA, completion on the stage's mbarrier) while token k is stored
+//     shared -> peer ring (TMA) for every destination `send_head` names, one bulk group per token, its metadata (source
+//     index, top-k, weights, scales, loaded into registers one token ahead and written into the stage by all lanes)
+//     with it. This rank's own rows go straight into the outputs. A stage is refilled once its stores have read it
 //     (`wait_group.read`); every num_chunk_tokens tokens lane 0 waits until the stores of the token kPublishLag
 //     back have completed and publishes the ring tails it recorded after that token (one system-scope fence, then
 //     relaxed stores). Before a slot is reused the sender waits (bounded) for the receiver's head. The last tail
 //     carries kDoneBit.
-//   * receivers (warps 1..): grouped per source; a group leader polls its sources' tails (acquire), the group
+//   * receivers (warps kNumSenders..): grouped per ring (source rank, sender); a group leader polls its rings' tails
+//     (acquire), the group
 //     copies the available rows to recv_x / recv_* (16-byte loads that skip L1, 12 in flight per lane, metadata
 //     loaded first; top-k localised), then the leader
 //     releases the head into the source's buffer. Rows go to `start + j`, where start (the receive row of the
 //     sender block's first row for this rank) is written by the sender before its first tail.
-// Counters: tails[b][s] (receiver's buffer, written by source s) and heads[b][d] (sender's buffer, written by
+// Counters: tails[r][s] (receiver's buffer, written by source s) and heads[r][d] (sender's buffer, written by
 // receiver d) start every call at zero: each rank zeroes its own between the two barriers before the kernel
 // (notify_dispatch, or prepare_rings in cached mode).
 // Preconditions: every rank's rings are idle (notify_dispatch or a barrier ran before on this stream); every rank
@@ -36,8 +41,11 @@ namespace hybrid_ep::kernels {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kNumRecvWarps = 15;
-constexpr int kNumThreads = (1 + kNumRecvWarps) * kWarpSize;
+// NOTES: one issuing lane per block was the limit (receivers idled about 60% of the time); two senders share the
+// 16 warps with 14 receivers, which keeps 128 registers per thread.
+constexpr int kNumSenders = 2;
+constexpr int kNumRecvWarps = 14;
+constexpr int kNumThreads = (kNumSenders + kNumRecvWarps) * kWarpSize;
 constexpr int kDoneBit = 1 << 30;
 
 struct StageLayout {
@@ -57,6 +65,7 @@ struct SenderState {
 // Receiver group task, written by the group leader.
 struct RecvTask {
     int src_rank;  // -1: the group is done
+    int ring_idx;  // the source's sender: ring (ring_idx, src_rank)
     int first;     // first ring row to copy
     int count;     // rows to copy
     int start;     // receive row of ring row 0
@@ -93,31 +102,45 @@ __device__ __forceinline__ TokenMeta load_token_meta(const DispatchParams& p, in
     return meta;
 }
 
+// The rings of a dispatch: kNumSenders per block and source, sharing the Config's slots.
+__device__ __forceinline__ RingLayout dispatch_rings(const DispatchParams& p, const DispatchMetaLayout& meta_layout) {
+    return RingLayout{p.num_ranks, 2 * p.num_channels * kNumSenders, p.num_ring_slots / kNumSenders, p.num_x_bytes,
+                      meta_layout.num_bytes()};
+}
+
 template <int kNumStages, int kNumPrefetch, int kPublishLag>
-__device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx) {
+__device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx, int sender_idx) {
     static_assert(kNumPrefetch >= 0 && kNumPrefetch + 1 < kNumStages, "prefetch depth must be below the stage count");
     constexpr int kNumReadPending = kNumStages - kNumPrefetch - 1;
     constexpr int kHistoryDepth = kPublishLag + 1;
-    __shared__ SenderState state;
-    __shared__ SentHistory<kHistoryDepth> history;
-    __shared__ StageBarriers<kNumStages> stages;
-    __shared__ int stage_rows[kNumStages][kNumMaxKernelRanks];  // receive row of the stage's token at each rank
+    __shared__ SenderState states[kNumSenders];
+    __shared__ SentHistory<kHistoryDepth> histories[kNumSenders];
+    __shared__ StageBarriers<kNumStages> all_stages[kNumSenders];
+    __shared__ int all_stage_rows[kNumSenders][kNumStages][kNumMaxKernelRanks];  // receive row of a stage's token
+    SenderState& state = states[sender_idx];
+    SentHistory<kHistoryDepth>& history = histories[sender_idx];
+    StageBarriers<kNumStages>& stages = all_stages[sender_idx];
+    auto& stage_rows = all_stage_rows[sender_idx];
 
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
-    const int num_blocks = 2 * p.num_channels;
     const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
     const StageLayout stage_layout{p.num_x_bytes, meta_layout.num_bytes()};
-    const RingLayout rings{num_ranks, num_blocks, p.num_ring_slots, p.num_x_bytes, meta_layout.num_bytes()};
+    const RingLayout rings = dispatch_rings(p, meta_layout);
+    const int ring_idx = block_idx * kNumSenders + sender_idx;
+    smem += sender_idx * kNumStages * stage_layout.stride();
 
-    // This block's tokens: one half of its channel.
+    // This sender's tokens: part sender_idx of one half of the block's channel.
     const int channel = block_idx / 2;
     const int tokens_per_channel = max((p.num_tokens + p.num_channels - 1) / p.num_channels, 1);
     const int channel_begin = min(channel * tokens_per_channel, p.num_tokens);
     const int channel_end = min(channel_begin + tokens_per_channel, p.num_tokens);
     const int channel_mid = min(channel_begin + (tokens_per_channel + 1) / 2, channel_end);
-    const int token_begin = block_idx % 2 == 0 ? channel_begin : channel_mid;
-    const int num_block_tokens = (block_idx % 2 == 0 ? channel_mid : channel_end) - token_begin;
+    const int half_begin = block_idx % 2 == 0 ? channel_begin : channel_mid;
+    const int half_end = block_idx % 2 == 0 ? channel_mid : channel_end;
+    const int tokens_per_sender = (half_end - half_begin + kNumSenders - 1) / kNumSenders;
+    const int token_begin = min(half_begin + sender_idx * tokens_per_sender, half_end);
+    const int num_block_tokens = min(token_begin + tokens_per_sender, half_end) - token_begin;
 
     if (lane_idx < kNumMaxKernelRanks)
         state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.start[lane_idx] = 0;
@@ -133,7 +156,7 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
         ptx::fence_proxy_async_global();
         for (int d = 0; d < num_ranks; ++d)
             if (d != rank && state.published[d] == 0 && sent_after[d] > 0)
-                ptx::st_relaxed_sys(NvlBufferLayout::start(p.buffer_ptrs[d], block_idx, rank), state.start[d]);
+                ptx::st_relaxed_sys(NvlBufferLayout::start(p.buffer_ptrs[d], ring_idx, rank), state.start[d]);
         bool is_fenced = false;
         for (int d = 0; d < num_ranks; ++d) {
             if (d == rank)
@@ -145,7 +168,7 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
                 ptx::fence_acq_rel_sys();
                 is_fenced = true;
             }
-            ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], block_idx, rank), value);
+            ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], ring_idx, rank), value);
             state.published[d] = value;
         }
     };
@@ -213,7 +236,7 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
             const int* rows = stage_rows[k % kNumStages];
             // Rotate the destinations so the blocks of a rank do not all hit the same peer at once.
             for (int i = 0; i < num_ranks; ++i) {
-                const int d = (rank + 1 + block_idx + i) % num_ranks;
+                const int d = (rank + 1 + ring_idx + i) % num_ranks;
                 const int row = rows[d];
                 if (row < 0)
                     continue;
@@ -223,30 +246,30 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
                     continue;
                 }
                 const int sent = state.sent[d];
-                if (sent - state.head_seen[d] >= p.num_ring_slots) {
+                if (sent - state.head_seen[d] >= rings.num_slots) {
                     // NOTES: the ring may be full of rows not yet published; publish everything first (an extra
                     // bulk group only makes the later group waits stricter), or the receiver could never free it.
                     ptx::bulk_commit_group();
                     ptx::bulk_wait_group<0>();
                     publish(state.sent, false);
-                    const int* head_ptr = NvlBufferLayout::head(p.buffer_ptrs[rank], block_idx, d);
+                    const int* head_ptr = NvlBufferLayout::head(p.buffer_ptrs[rank], ring_idx, d);
                     timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
                         state.head_seen[d] = ptx::ld_acquire_sys(head_ptr);
-                        const bool is_full = sent - state.head_seen[d] >= p.num_ring_slots;
+                        const bool is_full = sent - state.head_seen[d] >= rings.num_slots;
                         if (is_full && is_last_check)
                             printf(
-                                "hybrid_ep dispatch timeout: rank %d, block %d waits for peer %d to free a ring "
-                                "slot: expected head > %d, observed %d\n",
-                                rank, block_idx, d, sent - p.num_ring_slots, state.head_seen[d]);
+                                "hybrid_ep dispatch timeout: rank %d, block %d, sender %d waits for peer %d to free a "
+                                "ring slot: expected head > %d, observed %d\n",
+                                rank, block_idx, sender_idx, d, sent - rings.num_slots, state.head_seen[d]);
                         return is_full;
                     });
                     ptx::fence_proxy_async_global();
                 }
                 if (sent == 0)
                     state.start[d] = row;
-                const int slot = sent % p.num_ring_slots;
-                ptx::tma_store_1d(rings.x(p.buffer_ptrs[d], block_idx, rank, slot), stage_addr, p.num_x_bytes);
-                ptx::tma_store_1d(rings.meta(p.buffer_ptrs[d], block_idx, rank, slot), stage_addr + p.num_x_bytes,
+                const int slot = sent % rings.num_slots;
+                ptx::tma_store_1d(rings.x(p.buffer_ptrs[d], ring_idx, rank, slot), stage_addr, p.num_x_bytes);
+                ptx::tma_store_1d(rings.meta(p.buffer_ptrs[d], ring_idx, rank, slot), stage_addr + p.num_x_bytes,
                                   stage_layout.num_meta_bytes);
                 state.sent[d] = sent + 1;
             }
@@ -279,20 +302,20 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
     __syncwarp();
 }
 
-// Copies `count` ring rows [first, first + count) of ring (block_idx, src_rank) out; this warp takes every
+// Copies `count` ring rows [first, first + count) of ring (task.ring_idx, task.src_rank) out; this warp takes every
 // `num_warps`-th row from `warp_rank`.
 __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const DispatchMetaLayout& meta_layout,
-                         int block_idx, const RecvTask& task, int warp_rank, int num_warps) {
+                         const RecvTask& task, int warp_rank, int num_warps) {
     const int lane_idx = ptx::get_lane_idx();
     void* local = p.buffer_ptrs[p.rank];
     const int num_vectors = p.num_x_bytes / 16;
     const int64_t first_expert = static_cast<int64_t>(p.rank) * p.num_local_experts;
     for (int j = task.first + warp_rank; j < task.first + task.count; j += num_warps) {
-        const int slot = j % p.num_ring_slots;
+        const int slot = j % rings.num_slots;
         const int64_t row = task.start + j;
-        const auto* src = reinterpret_cast<const int4*>(rings.x(local, block_idx, task.src_rank, slot));
+        const auto* src = reinterpret_cast<const int4*>(rings.x(local, task.ring_idx, task.src_rank, slot));
         auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(p.recv_x) + row * p.num_x_bytes);
-        const uint8_t* meta = rings.meta(local, block_idx, task.src_rank, slot);
+        const uint8_t* meta = rings.meta(local, task.ring_idx, task.src_rank, slot);
 
         // NOTES: every load of a round is issued before its first use (metadata first), so a row costs one memory
         // latency per kUnroll vectors a lane moves, not one per vector.
@@ -343,13 +366,14 @@ __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const
 }
 
 __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_warp_idx) {
+    constexpr int kNumMaxRecvRings = kNumMaxKernelRanks * kNumSenders;
     __shared__ RecvTask tasks[kNumRecvWarps];
-    __shared__ int consumed[kNumMaxKernelRanks];
+    __shared__ int consumed[kNumMaxRecvRings];
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
     const int num_blocks = 2 * p.num_channels;
     const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
-    const RingLayout rings{num_ranks, num_blocks, p.num_ring_slots, p.num_x_bytes, meta_layout.num_bytes()};
+    const RingLayout rings = dispatch_rings(p, meta_layout);
 
     // Padding rows after the received ones: zero data, -1 indices (spread over every receiver warp of the grid).
     const int num_recv_rows = p.rank_prefix_matrix[(num_ranks - 1) * num_ranks + rank];
@@ -368,11 +392,12 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
             p.recv_scales[row * p.num_scales + s] = 0.0f;
     }
 
-    // Groups of warps, one or more sources each.
-    const int num_sources = num_ranks - 1;
-    if (num_sources == 0)
+    // Groups of warps, one or more rings each: ring j of this block is (sender j % kNumSenders of the (j /
+    // kNumSenders + 1)-th peer after this rank).
+    const int num_recv_rings = (num_ranks - 1) * kNumSenders;
+    if (num_recv_rings == 0)
         return;
-    const int num_groups = min(num_sources, kNumRecvWarps);
+    const int num_groups = min(num_recv_rings, kNumRecvWarps);
     const int warps_per_group = kNumRecvWarps / num_groups;
     const int group_idx = recv_warp_idx / warps_per_group;
     if (group_idx >= num_groups)
@@ -380,43 +405,48 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     const int warp_rank = recv_warp_idx % warps_per_group;
     const bool is_leader = warp_rank == 0 && lane_idx == 0;
     RecvTask& task = tasks[group_idx];
-    // Sources of this group: the i-th peer after this rank, for i = group_idx, group_idx + num_groups, ...
-    const auto source = [&](int i) { return (rank + 1 + group_idx + i * num_groups) % num_ranks; };
-    const int num_group_sources = (num_sources - group_idx + num_groups - 1) / num_groups;
+    // Rings of this group: j = group_idx, group_idx + num_groups, ...; the i-th is ring_of(i).
+    const auto ring_of = [&](int i) { return group_idx + i * num_groups; };
+    const auto source_of = [&](int j) { return (rank + 1 + j / kNumSenders) % num_ranks; };
+    const auto ring_idx_of = [&](int j) { return block_idx * kNumSenders + j % kNumSenders; };
+    const int num_group_rings = (num_recv_rings - group_idx + num_groups - 1) / num_groups;
     if (is_leader)
-        for (int i = 0; i < num_group_sources; ++i)
-            consumed[source(i)] = 0;
+        for (int i = 0; i < num_group_rings; ++i)
+            consumed[ring_of(i)] = 0;
 
     unsigned done_mask = 0;
     int next = 0;
+    int current_ring = 0;
     while (true) {
         if (is_leader) {
             task.src_rank = -1;
-            if (done_mask != (1u << num_group_sources) - 1) {
+            if (done_mask != (1u << num_group_rings) - 1) {
                 timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
-                    for (int n = 0; n < num_group_sources; ++n) {
-                        const int i = (next + n) % num_group_sources;
+                    for (int n = 0; n < num_group_rings; ++n) {
+                        const int i = (next + n) % num_group_rings;
                         if (done_mask >> i & 1)
                             continue;
-                        const int s = source(i);
-                        const int tail = ptx::ld_acquire_sys(NvlBufferLayout::tail(p.buffer_ptrs[rank], block_idx, s));
-                        const int available = (tail & ~kDoneBit) - consumed[s];
+                        const int j = ring_of(i);
+                        const int s = source_of(j), r = ring_idx_of(j);
+                        const int tail = ptx::ld_acquire_sys(NvlBufferLayout::tail(p.buffer_ptrs[rank], r, s));
+                        const int available = (tail & ~kDoneBit) - consumed[j];
                         if (available > 0) {
-                            task = RecvTask{s, consumed[s], min(available, 8 * warps_per_group),
-                                            ptx::ld_cg(NvlBufferLayout::start(p.buffer_ptrs[rank], block_idx, s))};
-                            next = (i + 1) % num_group_sources;
+                            task = RecvTask{s, r, consumed[j], min(available, 8 * warps_per_group),
+                                            ptx::ld_cg(NvlBufferLayout::start(p.buffer_ptrs[rank], r, s))};
+                            current_ring = j;
+                            next = (i + 1) % num_group_rings;
                             return false;
                         }
                         if (tail & kDoneBit) {
                             done_mask |= 1u << i;
-                            if (done_mask == (1u << num_group_sources) - 1)
+                            if (done_mask == (1u << num_group_rings) - 1)
                                 return false;
                         }
                         if (is_last_check)
                             printf(
-                                "hybrid_ep dispatch timeout: rank %d, block %d waits for rows from peer %d: "
-                                "expected tail > %d, observed %d\n",
-                                rank, block_idx, s, consumed[s], tail & ~kDoneBit);
+                                "hybrid_ep dispatch timeout: rank %d, block %d waits for rows from peer %d (sender "
+                                "%d): expected tail > %d, observed %d\n",
+                                rank, block_idx, s, j % kNumSenders, consumed[j], tail & ~kDoneBit);
                     }
                     return true;
                 });
@@ -426,12 +456,12 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
         const RecvTask current = task;
         if (current.src_rank < 0)
             break;
-        copy_out(p, rings, meta_layout, block_idx, current, warp_rank, warps_per_group);
+        copy_out(p, rings, meta_layout, current, warp_rank, warps_per_group);
         ptx::named_barrier_sync(1 + group_idx, warps_per_group * kWarpSize);
         if (is_leader) {
-            consumed[current.src_rank] += current.count;
-            ptx::st_release_sys(NvlBufferLayout::head(p.buffer_ptrs[current.src_rank], block_idx, rank),
-                                consumed[current.src_rank]);
+            consumed[current_ring] += current.count;
+            ptx::st_release_sys(NvlBufferLayout::head(p.buffer_ptrs[current.src_rank], current.ring_idx, rank),
+                                consumed[current_ring]);
         }
     }
 }
@@ -440,10 +470,10 @@ template <int kNumStages, int kNumPrefetch, int kPublishLag>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp_idx = threadIdx.x / kWarpSize;
-    if (warp_idx == 0)
-        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x);
+    if (warp_idx < kNumSenders)
+        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x, warp_idx);
     else
-        run_receiver(params, blockIdx.x, warp_idx - 1);
+        run_receiver(params, blockIdx.x, warp_idx - kNumSenders);
 }
 
 }  // namespace
@@ -458,36 +488,41 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
               "dispatch: a row of x must be a positive multiple of 16 bytes, got ", params.num_x_bytes);
     HEP_CHECK(params.num_topk >= 0 && params.num_topk <= kNumMaxRingTopk, "dispatch: num_topk must be in [0, ",
               kNumMaxRingTopk, "], got ", params.num_topk);
-    HEP_CHECK(params.num_ring_slots >= 1, "dispatch: config.num_max_nvl_chunked_recv_tokens must be positive");
+    HEP_CHECK(params.num_ring_slots >= kNumSenders,
+              "dispatch: config.num_max_nvl_chunked_recv_tokens must be at least ", kNumSenders,
+              " (one ring slot per sender of a block), got ", params.num_ring_slots);
     HEP_CHECK(params.num_chunk_tokens >= 1, "dispatch: config.num_max_nvl_chunked_send_tokens must be positive");
     const DispatchMetaLayout meta_layout{params.num_topk, params.num_scales};
-    const RingLayout rings{params.num_ranks, 2 * params.num_channels, params.num_ring_slots, params.num_x_bytes,
-                           meta_layout.num_bytes()};
+    const RingLayout rings{params.num_ranks, 2 * params.num_channels * kNumSenders, params.num_ring_slots / kNumSenders,
+                           params.num_x_bytes, meta_layout.num_bytes()};
     HEP_CHECK(rings.num_bytes() <= num_nvl_bytes, "dispatch: the rings of this config need ", rings.num_bytes(),
               " bytes of NVLink buffer, but the Buffer has num_nvl_bytes=", num_nvl_bytes,
               "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)");
 
     const int stage_bytes = StageLayout{params.num_x_bytes, meta_layout.num_bytes()}.stride();
     const auto launch = [&](auto kernel, int num_stages) {
-        const size_t smem = static_cast<size_t>(num_stages) * stage_bytes;
+        const size_t smem = static_cast<size_t>(kNumSenders) * num_stages * stage_bytes;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         kernel<<<2 * params.num_channels, kNumThreads, smem, stream>>>(params);
     };
     const int static_smem = 8 * 1024;
-    // NOTES: the stage count, prefetch depth and publish lag changed nothing measurable on 4 H200 GPUs (12 or 14
-    // stages, lag 8 to 40); the publish period (Config.num_max_nvl_chunked_send_tokens) did. Wider rows get
-    // fewer stages.
-    if (12 * stage_bytes + static_smem <= smem_limit)
-        launch(dispatch_kernel<12, 5, 8>, 12);
-    else if (8 * stage_bytes + static_smem <= smem_limit)
+    const auto fits = [&](int num_stages) {
+        return kNumSenders * num_stages * stage_bytes + static_smem <= smem_limit;
+    };
+    // NOTES: the stage count, prefetch depth and publish lag changed little on 4 H200 GPUs (12 or 14 stages with
+    // one sender, lag 8 to 40); the publish period (Config.num_max_nvl_chunked_send_tokens) did. Each sender gets
+    // its own stages; wider rows get fewer.
+    if (fits(8))
         launch(dispatch_kernel<8, 3, 6>, 8);
-    else if (4 * stage_bytes + static_smem <= smem_limit)
-        launch(dispatch_kernel<4, 2, 4>, 4);
-    else if (2 * stage_bytes + static_smem <= smem_limit)
+    else if (fits(6))
+        launch(dispatch_kernel<6, 2, 4>, 6);
+    else if (fits(4))
+        launch(dispatch_kernel<4, 1, 3>, 4);
+    else if (fits(2))
         launch(dispatch_kernel<2, 0, 2>, 2);
     else
         HEP_CHECK(false, "dispatch: a row of ", params.num_x_bytes, " bytes is too wide for shared memory (",
-                  smem_limit, " bytes per block)");
+                  smem_limit, " bytes per block, ", kNumSenders, " senders)");
     CUDA_CHECK(cudaGetLastError());
 }
 

@@ -135,14 +135,15 @@ class Config:
 
 
 # Recommended (nvl_send, nvl_recv, rdma_send, rdma_recv) per op and rank count; num_sms comes from Buffer.num_sms.
-# Rank counts not listed fall back to DEFAULT_CHUNKS. On 4 H200 GPUs (standard workload) a sender that publishes its
-# ring tails every 32 rows instead of 8 was 4-10% faster in dispatch and 10-25% in combine, and 256-row rings
-# instead of 128 made combine at 24 SMs 25% faster (fewer, larger work units); 64- or 128-row periods changed
-# nothing more. 2 and 8 ranks use the same values until measured. `python -m hybrid_ep.tune` writes tuned ones.
-DEFAULT_CHUNKS = (32, 256, 6, 128)
+# Rank counts not listed fall back to DEFAULT_CHUNKS. From the full tuner sweep on 4 H200 GPUs (standard workload,
+# kernels with several senders per block): dispatch publishes every 12 rows into 256-row rings (best or within 3% of
+# it at 8-20 SMs, BF16 and FP8); combine publishes every 6 rows into 64-row rings (best at every SM count: 276 GB/s
+# at 16 SMs against 231 with 32/256; small rings probably keep the reducers' reads in L2). 2 and 8 ranks use the same
+# values until measured. `python -m hybrid_ep.tune` writes tuned ones.
+DEFAULT_CHUNKS = (12, 256, 6, 128)
 RECOMMENDED_CONFIGS = {
-    "dispatch": {2: (32, 256, 6, 128), 4: (32, 256, 6, 128), 8: (32, 256, 6, 128)},
-    "combine": {2: (32, 256, 6, 128), 4: (32, 256, 6, 128), 8: (32, 256, 6, 128)},
+    "dispatch": {2: (12, 256, 6, 128), 4: (12, 256, 6, 128), 8: (12, 256, 6, 128)},
+    "combine": {2: (6, 64, 6, 128), 4: (6, 64, 6, 128), 8: (6, 64, 6, 128)},
 }
 
 

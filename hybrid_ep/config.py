@@ -138,8 +138,8 @@ class Config:
 # Rank counts not listed fall back to DEFAULT_CHUNKS. From the full tuner sweep on 4 H200 GPUs (standard workload,
 # kernels with several senders per block): dispatch publishes every 12 rows into 256-row rings (best or within 3% of
 # it at 8-20 SMs, BF16 and FP8); combine publishes every 6 rows into 64-row rings (best at every SM count: 276 GB/s
-# at 16 SMs against 231 with 32/256; small rings probably keep the reducers' reads in L2). 2 and 8 ranks use the same
-# values until measured. `python -m hybrid_ep.tune` writes tuned ones.
+# at 16 SMs against 231 with 32/256; 32- or 48-row rings were 15-35% slower). 2 and 8 ranks use the same values
+# until measured. `python -m hybrid_ep.tune` writes tuned ones.
 DEFAULT_CHUNKS = (12, 256, 6, 128)
 RECOMMENDED_CONFIGS = {
     "dispatch": {2: (12, 256, 6, 128), 4: (12, 256, 6, 128), 8: (12, 256, 6, 128)},

@@ -397,12 +397,14 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     const int num_recv_rings = (num_ranks - 1) * kNumSenders;
     if (num_recv_rings == 0)
         return;
+    // Group g has warps [g * W / G, (g + 1) * W / G): every warp works, group sizes differ by at most one.
     const int num_groups = min(num_recv_rings, kNumRecvWarps);
-    const int warps_per_group = kNumRecvWarps / num_groups;
-    const int group_idx = recv_warp_idx / warps_per_group;
-    if (group_idx >= num_groups)
-        return;
-    const int warp_rank = recv_warp_idx % warps_per_group;
+    const auto first_warp = [&](int g) { return g * kNumRecvWarps / num_groups; };
+    int group_idx = 0;
+    while (first_warp(group_idx + 1) <= recv_warp_idx)
+        ++group_idx;
+    const int warps_per_group = first_warp(group_idx + 1) - first_warp(group_idx);
+    const int warp_rank = recv_warp_idx - first_warp(group_idx);
     const bool is_leader = warp_rank == 0 && lane_idx == 0;
     RecvTask& task = tasks[group_idx];
     // Rings of this group: j = group_idx, group_idx + num_groups, ...; the i-th is ring_of(i).

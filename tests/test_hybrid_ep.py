@@ -1,4 +1,4 @@
-"""Correctness, then benchmark, of layout, dispatch and combine, as users run DeepEP's tests:
+"""Correctness, then benchmark, of layout, dispatch and combine, as users run DeepEP's and Hybrid-EP's tests:
 
     python tests/test_hybrid_ep.py --num-processes 4
 
@@ -7,6 +7,8 @@ On GPUs (NCCL, one process per GPU) it runs the standard workload of 4096 tokens
 rows in the same run; `--sm-sweep` (default 8,12,16,20,24 on GPUs) repeats dispatch and combine at each SM count.
 Without GPUs it runs small sizes on 4 gloo ranks. Bandwidth is counted as DeepEP counts it: bytes of all rows a rank
 receives (its own included) divided by the time of one call, as seen by rank 0. Labels on GPUs name the SM count.
+The same rows go through `hybrid_ep.HybridEPBuffer` (Hybrid-EP's API) too: plain and permuted forms, counted as
+Hybrid-EP's test counts them (the plain dispatch's rows at BF16 width; FP8 at (1 + 4/128) / 2 of that).
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from hybrid_ep import Config  # noqa: E402
 from hybrid_ep.bench import gather_floats, nvl_bytes_for  # noqa: E402
 from hybrid_ep.tuned import with_num_sms  # noqa: E402
 
-from cases import Scenario, dispatch_routed, expected_combine, expected_for_rank, make_inputs, to_device  # noqa: E402
+from cases import (  # noqa: E402
+    Scenario,
+    dispatch_routed,
+    expected_combine,
+    expected_dispatch,
+    expected_for_rank,
+    make_inputs,
+    to_device,
+)
 from distributed import ProcessGroupInfo, num_gpus, parallel_launch  # noqa: E402
 
 
@@ -80,6 +90,8 @@ def make_routing(args: argparse.Namespace, rank: int, device: torch.device) -> t
 
 # The widest hidden size of the correctness pass (the NVLink buffer must fit it too).
 CORRECTNESS_MAX_HIDDEN = 512
+# Most tokens per rank in the correctness pass of HybridEPBuffer (its max_num_of_tokens_per_rank covers them).
+CORRECTNESS_MAX_TOKENS = 128
 
 
 def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Callable[[str], None]) -> None:
@@ -125,6 +137,64 @@ def check_correctness(pg: ProcessGroupInfo, buffer: hybrid_ep.Buffer, log: Calla
         log(f"[correctness] {s.name}: dispatch/combine/layout as expected ({R} ranks)")
 
 
+def check_hybrid_ep_buffer(pg: ProcessGroupInfo, hybrid: hybrid_ep.HybridEPBuffer, log: Callable[[str], None]) -> None:
+    """Hybrid-EP's own checks: dispatched tokens, the local columns of the probs and the scales bitwise; combine of
+    `dispatched * (local experts of the row)` gives each token times its experts; combined probs bitwise; the
+    expert-major layout of dispatch_with_permute (pad 32) bitwise, and combine_with_unpermute."""
+    R, me, L, E = pg.world_size, pg.rank, hybrid.num_local_experts, hybrid.num_of_experts
+    num_tokens = [min(64 + 7 * r, CORRECTNESS_MAX_TOKENS) for r in range(R)]
+    s = Scenario("hybrid", num_tokens, hidden=128, num_experts=E, num_topk=min(4, E), seed=5, routing="holes")
+    host = make_inputs(s, R)
+    inp = to_device(host, pg.device)
+    exp = expected_dispatch(s, host, me, R)
+    slot = torch.where(exp.recv_topk_idx >= 0, exp.recv_topk_idx, L)
+    local_probs = torch.zeros(exp.num_recv_tokens, L + 1).scatter_(1, slot, exp.recv_topk_weights)[:, :L]
+    local_map = torch.zeros(exp.num_recv_tokens, L + 1, dtype=torch.bool).scatter_(1, slot, True)[:, :L]
+    x, topk_idx = inp.x[me], inp.topk_idx[me]
+    routing = dict(topk_idx=topk_idx, topk_weights=inp.topk_weights[me], num_of_experts=E)
+
+    token, probs, _, handle = hybrid.dispatch(hidden=x, **routing)
+    assert torch.equal(token.cpu(), exp.recv_x), "HybridEPBuffer: dispatched_token"
+    columns = slice(hybrid.local_rank * L, (hybrid.local_rank + 1) * L)
+    assert torch.equal(probs[:, columns].cpu(), local_probs), "HybridEPBuffer: dispatched_probs"
+    back = (token.float() * handle.local_expert_routing_map.sum(1, keepdim=True)).to(torch.bfloat16)
+    combined, combined_probs = hybrid.combine(back, probs=probs, handle=handle)
+    num_valid = (topk_idx >= 0).sum(1, keepdim=True)
+    assert torch.equal(combined, (x.float() * num_valid).to(torch.bfloat16)), "HybridEPBuffer: combined_token"
+    dense = torch.zeros(s.num_tokens[me], E + 1, device=pg.device)
+    dense.scatter_(1, torch.where(topk_idx >= 0, topk_idx, E), inp.topk_weights[me])
+    assert torch.equal(combined_probs, dense[:, :E]), "HybridEPBuffer: combined_probs"
+
+    # Expert-major, each block zero-padded to 32 rows; FP8 rows (uint8 + scales) take the same layout.
+    rows, experts = [], []
+    for j in range(L):
+        block = local_map[:, j].nonzero().view(-1).tolist()
+        rows += block + [-1] * (-len(block) % 32)
+        experts += [j] * (len(rows) - len(experts))
+    rows_t, experts_t = torch.tensor(rows, dtype=torch.int64), torch.tensor(experts, dtype=torch.int64)
+    padding = rows_t < 0
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        out = t[rows_t.clamp(min=0)].clone()
+        out[padding] = 0
+        return out
+
+    x8 = inp.x_fp8[me].view(torch.uint8)
+    token, _, scales, _, _ = hybrid.dispatch_with_permute(
+        hidden=x8, scaling_factor=inp.scales[me], use_fp8=True, pad_multiple=32, **routing
+    )
+    assert torch.equal(token.cpu(), pick(exp.recv_x_fp8.view(torch.uint8))), "HybridEPBuffer: permuted FP8 rows"
+    assert torch.equal(scales.cpu(), pick(exp.recv_scales)), "HybridEPBuffer: permuted scales"
+    token, probs, _, _, handle = hybrid.dispatch_with_permute(hidden=x, pad_multiple=32, **routing)
+    assert torch.equal(token.cpu(), pick(exp.recv_x)), "HybridEPBuffer: permuted rows"
+    want_probs = torch.where(padding, 0.0, local_probs[rows_t.clamp(min=0), experts_t])
+    assert torch.equal(probs.cpu(), want_probs), "HybridEPBuffer: permuted probs"
+    combined, combined_probs = hybrid.combine_with_unpermute(hidden=token, probs=probs, handle=handle)
+    assert torch.equal(combined, (x.float() * num_valid).to(torch.bfloat16)), "HybridEPBuffer: combine_with_unpermute"
+    assert torch.equal(combined_probs, dense[:, :E]), "HybridEPBuffer: combined_probs after unpermute"
+    log(f"[correctness] HybridEPBuffer: dispatch/combine/permute as expected ({R} ranks)")
+
+
 def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     R, me, device = pg.world_size, pg.rank, pg.device
     log = print if me == 0 else (lambda *_: None)
@@ -138,6 +208,12 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
         # Every config this run uses (the correctness pass uses the defaults), at the widest row.
         num_nvl_bytes = nvl_bytes_for(configs, max(args.hidden, CORRECTNESS_MAX_HIDDEN), R)
     buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True)
+    hybrid = hybrid_ep.HybridEPBuffer(
+        pg.group,
+        hidden_dim=max(args.hidden, CORRECTNESS_MAX_HIDDEN),
+        max_num_of_tokens_per_rank=max(args.num_tokens, CORRECTNESS_MAX_TOKENS),
+        num_local_experts=args.num_experts // R,
+    )
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     log(
         f"[setup] {R} ranks, backend {pg.backend}, device {device_name}, hybrid_ep {hybrid_ep.__version__}, "
@@ -147,6 +223,7 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
         log(f"[setup] num_nvl_bytes {num_nvl_bytes / 2**20:.1f} MiB: the largest hint of {len(configs)} configs")
     if not args.skip_check:
         check_correctness(pg, buffer, log)
+        check_hybrid_ep_buffer(pg, hybrid, log)
 
     topk_idx = make_routing(args, me, device)
     if device.type == "cuda" and hybrid_ep.has_extension():
@@ -160,6 +237,7 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
             assert torch.equal(a, b), f"layout kernel differs from the reference in {name}"
         log("[correctness] layout kernel bitwise equal to the reference on the benchmark routing")
     if args.skip_bench:
+        hybrid.destroy()
         buffer.destroy()
         return
 
@@ -298,10 +376,33 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
             pairs.numel() * 2,
             bench(lambda: dist.all_to_all_single(pair_out, pairs, group=pg.group), **timing),
         )
+    # HybridEPBuffer: the same tokens, routing and weights; cached handles, as Hybrid-EP's test times them.
+    E = args.num_experts
+    hybrid_routing = dict(topk_idx=topk_idx, topk_weights=topk_weights, num_of_experts=E)
+    token, probs, _, plain = hybrid.dispatch(hidden=x, **hybrid_routing)
+    assert token.size(0) == num_recv, "HybridEPBuffer receives the rows Buffer receives"
+    permuted, permuted_probs, _, _, permute = hybrid.dispatch_with_permute(hidden=x, pad_multiple=32, **hybrid_routing)
+    x8, scales = x_fp8[0].view(torch.uint8), x_fp8[1]
+    hybrid_runs = [
+        ("dispatch BF16 (cached handle)", bf16_bytes, hybrid.dispatch_config,
+         lambda: hybrid.dispatch(hidden=x, topk_weights=topk_weights, handle=plain)),
+        ("combine BF16", bf16_bytes, hybrid.combine_config, lambda: hybrid.combine(token, probs=probs, handle=plain)),
+        ("dispatch_with_permute BF16 (cached handle, non-blocking)", bf16_bytes, hybrid.dispatch_config,
+         lambda: hybrid.dispatch_with_permute(hidden=x, topk_weights=topk_weights, handle=permute, non_blocking=True)),
+        ("dispatch_with_permute FP8 (cached handle, non-blocking)", fp8_bytes, hybrid.dispatch_fp8_config,
+         lambda: hybrid.dispatch_with_permute(hidden=x8, scaling_factor=scales, use_fp8=True, topk_weights=topk_weights,
+                                              handle=permute, non_blocking=True)),
+        ("combine_with_unpermute BF16", bf16_bytes, hybrid.combine_config,
+         lambda: hybrid.combine_with_unpermute(hidden=permuted, probs=permuted_probs, handle=permute)),
+    ]  # fmt: skip
+    for label, num_bytes, config, fn in hybrid_runs:
+        record(f"HybridEPBuffer {label}", num_bytes, bench(fn, **timing), config)
+
     if args.json and me == 0:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), num_ranks=R, backend=pg.backend, results=results), f, indent=2)
         log(f"[bench] wrote {args.json}")
+    hybrid.destroy()
     buffer.destroy()
 
 

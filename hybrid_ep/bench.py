@@ -84,6 +84,56 @@ def time_calls(fn: Callable[[], Any], device: torch.device, num_warmups: int, nu
     return Timing(sum(times) / len(times), min(times), max(times))
 
 
+@dataclasses.dataclass(frozen=True)
+class OverlapTiming:
+    """Mean seconds of a dispatch and a GEMM alone, one after the other, and overlapped on two streams."""
+
+    dispatch_s: float
+    gemm_s: float
+    sequential_s: float
+    overlapped_s: float
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Returns: the share of the shorter operation hidden behind the longer one (1.0: fully hidden)."""
+        shorter = min(self.dispatch_s, self.gemm_s)
+        return (self.dispatch_s + self.gemm_s - self.overlapped_s) / shorter if shorter > 0 else 0.0
+
+
+def time_overlap(
+    buffer: Buffer,
+    dispatch: Callable[..., tuple],
+    gemm: Callable[[], Any],
+    device: torch.device,
+    num_warmups: int,
+    num_tests: int,
+) -> OverlapTiming:
+    """Times `dispatch` (called with `previous_event=` and `async_finish=`, returning DeepEP's tuple whose last
+    entry is the EventOverlap) and `gemm` alone, back to back on the current stream, and overlapped: the dispatch
+    runs on the Buffer's communication stream with `async_finish=True` while `gemm` runs on the current stream,
+    which then waits for the dispatch's event.
+
+    Returns: an OverlapTiming.
+    """
+    timing = dict(device=device, num_warmups=num_warmups, num_tests=num_tests)
+
+    def sequential() -> None:
+        dispatch(previous_event=None, async_finish=False)
+        gemm()
+
+    def overlapped() -> None:
+        outputs = dispatch(previous_event=buffer.capture(), async_finish=True)
+        gemm()
+        outputs[-1].current_stream_wait()
+
+    return OverlapTiming(
+        dispatch_s=time_calls(lambda: dispatch(previous_event=None, async_finish=False), **timing).mean_s,
+        gemm_s=time_calls(gemm, **timing).mean_s,
+        sequential_s=time_calls(sequential, **timing).mean_s,
+        overlapped_s=time_calls(overlapped, **timing).mean_s,
+    )
+
+
 def row_bytes(hidden: int, data_type: str) -> int:
     """Returns: bytes of one dispatched row as DeepEP counts them: BF16 `hidden * 2`; FP8 `hidden` plus one fp32
     scale per 128 channels."""

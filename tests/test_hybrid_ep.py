@@ -5,6 +5,8 @@
 On GPUs (NCCL, one process per GPU) it runs the standard workload of 4096 tokens per rank, hidden 7168, top-8 of
 256 experts, with the NVLink buffer sized for every Config it uses, and times an NCCL all_to_all_single of the same
 rows in the same run; `--sm-sweep` (default 8,12,16,20,24 on GPUs) repeats dispatch and combine at each SM count.
+On GPUs it also times a cached dispatch overlapped (async_finish=True, communication stream) with a GEMM on the
+compute stream, beside the two alone and one after the other.
 Without GPUs it runs small sizes on 4 gloo ranks. Bandwidth is counted as DeepEP counts it: bytes of all rows a rank
 receives (its own included) divided by the time of one call, as seen by rank 0. Labels on GPUs name the SM count.
 The same rows go through `hybrid_ep.HybridEPBuffer` (Hybrid-EP's API) too: plain and permuted forms, counted as
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hybrid_ep  # noqa: E402
 from hybrid_ep import Config  # noqa: E402
-from hybrid_ep.bench import gather_floats, nvl_bytes_for  # noqa: E402
+from hybrid_ep.bench import gather_floats, nvl_bytes_for, time_overlap  # noqa: E402
 from hybrid_ep.tuned import with_num_sms  # noqa: E402
 
 from cases import (  # noqa: E402
@@ -375,6 +377,29 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
             label,
             pairs.numel() * 2,
             bench(lambda: dist.all_to_all_single(pair_out, pairs, group=pg.group), **timing),
+        )
+        # Overlap: the cached dispatch with async_finish=True on the communication stream while a GEMM of the
+        # tokens with a [hidden, hidden] weight runs on the compute stream.
+        weight = torch.randn(args.hidden, args.hidden, generator=g, device=device).to(torch.bfloat16)
+        overlap = time_overlap(
+            buffer,
+            lambda **kw: buffer.dispatch(x, handle=handle, config=dispatch_config, **kw),
+            lambda: torch.matmul(x, weight),
+            **timing,
+        )
+        results["overlap"] = dict(
+            dispatch_us=overlap.dispatch_s * 1e6,
+            gemm_us=overlap.gemm_s * 1e6,
+            sequential_us=overlap.sequential_s * 1e6,
+            overlapped_us=overlap.overlapped_s * 1e6,
+            hidden_fraction=overlap.hidden_fraction,
+        )
+        log(
+            f"[bench] overlap: dispatch BF16 (cached handle, {dispatch_config.num_sms} SMs)"
+            f" {overlap.dispatch_s * 1e6:.1f} us, GEMM [{args.num_tokens}, {args.hidden}] x [{args.hidden},"
+            f" {args.hidden}] {overlap.gemm_s * 1e6:.1f} us; one after the other {overlap.sequential_s * 1e6:.1f} us"
+            f" (sum of the two alone {(overlap.dispatch_s + overlap.gemm_s) * 1e6:.1f} us), overlapped on two"
+            f" streams {overlap.overlapped_s * 1e6:.1f} us ({overlap.hidden_fraction:.0%} of the shorter one hidden)"
         )
     # HybridEPBuffer: the same tokens, routing and weights; cached handles, as Hybrid-EP's test times them.
     E = args.num_experts

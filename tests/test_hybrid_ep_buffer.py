@@ -4,7 +4,8 @@ The checks follow Hybrid-EP's own test: dispatched tokens, the local columns of 
 scales bitwise; combine of `dispatched * (local experts of the row)`, which gives back each token times its number
 of experts; combined probs bitwise equal to the input probs; the expert-major padded layout of
 `dispatch_with_permute` bitwise, and `combine_with_unpermute`. On top: the non-blocking path with exact, larger and
-smaller `num_permuted_tokens`, FP8 rows, cached handles, -1 entries, repeated experts, and rejected inputs.
+smaller `num_permuted_tokens`, FP8 rows, cached handles, -1 entries, repeated experts, rejected inputs, and the
+non-blocking permuted step captured in a CUDA graph and replayed with new routing.
 
 Expected results come from the seeded inputs of every rank (tests/cases.py), so no collective is needed for them.
 Tokens are small integers and weights exact binary fractions: every sum is exact, so combines compare bitwise.
@@ -517,6 +518,58 @@ def run_no_host_sync(pg: ProcessGroupInfo) -> None:
     buffer.destroy()
 
 
+def run_graph_replay(pg: ProcessGroupInfo, num_replays: int) -> None:
+    """`dispatch_with_permute(non_blocking=True)` + an expert function + `combine_with_unpermute`, captured once in
+    a CUDA graph without a handle and replayed with new routing, probs and tokens written into the captured inputs;
+    every replay's permuted tokens, probs and combined tokens bitwise as expected."""
+    from hybrid_ep.bench import uses_kernels
+
+    if not uses_kernels(pg.device):
+        return
+    R, me, dev = pg.world_size, pg.rank, pg.device
+    base = scenario(R)
+    buffer = make_buffer(pg, base)
+    num_rows = 256  # permuted rows: more than any rank receives times its experts here, a multiple of 32
+    host = make_inputs(base, R)
+    host_map, host_probs = dense_routing(base, host, me)
+    static = dict(hidden=host.x[me].to(dev), routing_map=host_map.to(dev), probs=host_probs.to(dev))
+
+    def step() -> tuple:
+        token, pprobs, _, _, handle = buffer.dispatch_with_permute(
+            **static, pad_multiple=32, num_permuted_tokens=num_rows, non_blocking=True
+        )
+        combined, combined_probs = buffer.combine_with_unpermute(hidden=token, probs=pprobs, handle=handle)
+        return token, pprobs, handle.overflow_flag, combined, combined_probs
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        token, pprobs, overflow_flag, combined, combined_probs = step()
+    for i in range(num_replays):
+        s = dataclasses.replace(base, seed=base.seed + 1 + i)
+        host = make_inputs(s, R)
+        host_map, host_probs = dense_routing(s, host, me)
+        for name, value in (("hidden", host.x[me]), ("routing_map", host_map), ("probs", host_probs)):
+            static[name].copy_(value)
+        graph.replay()
+        wants = [want_dispatch(s, host, r, R) for r in range(R)]
+        order, _ = want_layout(wants[me], 32, num_rows)
+        want_tokens, _, _, want_pprobs = permuted(wants[me], order)
+        want_x, want_probs = want_combine(s, host, wants, me, pad=32, num_rows=[num_rows] * R)
+        where = f"[replay {i}, rank {me} of {R}]"
+        assert torch.equal(token.cpu(), want_tokens), f"{where} permuted tokens"
+        assert torch.equal(pprobs.cpu(), want_pprobs), f"{where} permuted probs"
+        assert int(overflow_flag[0]) == 0, f"{where} overflow_flag"
+        assert torch.equal(combined.cpu(), want_x), f"{where} combined tokens"
+        assert torch.equal(combined_probs.cpu(), want_probs), f"{where} combined probs"
+    del graph
+    buffer.destroy()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tests
 
@@ -543,3 +596,8 @@ def test_rejected_inputs_nccl() -> None:
 @requires_gpus(2)
 def test_non_blocking_makes_no_host_sync() -> None:
     parallel_launch(2, run_no_host_sync, backend="nccl")
+
+
+@pytest.mark.parametrize("world_size", [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)])
+def test_graph_replay_of_permuted_step(world_size: int) -> None:
+    parallel_launch(world_size, run_graph_replay, 20, backend="nccl")

@@ -20,7 +20,17 @@ import torch
 import hybrid_ep
 from hybrid_ep import Config
 
-from cases import Inputs, Scenario, check, expected_combine_fast, expected_dispatch, make_inputs, pad_rows
+from cases import (
+    Inputs,
+    Scenario,
+    check,
+    dispatch_routed,
+    expected_combine_fast,
+    expected_dispatch,
+    layout_kwargs,
+    make_inputs,
+    pad_rows,
+)
 from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
 
 needs_kernels = pytest.mark.skipif(
@@ -93,13 +103,10 @@ def run_graph_replay(pg: ProcessGroupInfo, fp8: bool) -> None:
     num_experts = EXPERTS_PER_RANK * R
 
     def step() -> tuple:
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(static["topk_idx"], num_experts)
         x = (static["x_fp8"], static["scales"]) if fp8 else static["x"]
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
             x,
-            num_tokens_per_rank=per_rank,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
+            **layout_kwargs(buffer, static["topk_idx"], num_experts),
             topk_idx=static["topk_idx"],
             topk_weights=static["topk_weights"],
             num_worst_tokens=worst,
@@ -152,17 +159,7 @@ def run_cached_graph_replay(pg: ProcessGroupInfo) -> None:
     buffer = new_buffer(pg)
     s = scenario(1, R)  # skewed routing, fixed for every replay
     routed = make_inputs(s, R, device)
-    num_experts = EXPERTS_PER_RANK * R
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(routed.topk_idx[me], num_experts)
-    _, _, recv_w, _, handle, _ = buffer.dispatch(
-        routed.x[me],
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=routed.topk_idx[me],
-        topk_weights=routed.topk_weights[me],
-        config=CONFIG,
-    )
+    _, _, recv_w, _, handle, _ = dispatch_routed(buffer, routed.x[me], routed, me, s.num_experts, config=CONFIG)
     x = routed.x[me].clone()
 
     def step() -> tuple:
@@ -195,12 +192,8 @@ def run_capture_needs_fixed_size(pg: ProcessGroupInfo) -> None:
     buffer = new_buffer(pg)
     s = scenario(0, R)
     inp = make_inputs(s, R, device)
-    num_experts = EXPERTS_PER_RANK * R
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], num_experts)
     routed = dict(
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
+        **layout_kwargs(buffer, inp.topk_idx[me], s.num_experts),
         topk_idx=inp.topk_idx[me],
         topk_weights=inp.topk_weights[me],
         config=CONFIG,

@@ -64,4 +64,31 @@ struct SentHistory {
     __device__ __forceinline__ const int* after(int item_idx) const { return sent[item_idx % kDepth]; }
 };
 
+// Lane 0 of a sender whose ring at `dst_rank` holds `sent` rows and looked full at the last head read (`head_seen`):
+// waits (bounded) until that receiver has freed a slot, i.e. until the head it writes into `head_ptr` (in this
+// rank's buffer) passes sent - num_slots. The head is read once first; only if the ring is still full does the
+// sender call `publish_all`, which must make every row it wrote visible with its tail (or the receiver could never
+// free the ring), and then wait. Afterwards the bulk stores that reuse the slot are ordered after the head read.
+template <typename PublishAll>
+__device__ __forceinline__ void wait_ring_slot(const int* head_ptr, int sent, int num_slots, int& head_seen,
+                                               int64_t num_timeout_cycles, const char* kernel_name, int rank,
+                                               int sender_idx, int dst_rank, const PublishAll& publish_all) {
+    head_seen = ptx::ld_acquire_sys(head_ptr);
+    if (sent - head_seen >= num_slots) {
+        publish_all();
+        timeout_while(num_timeout_cycles, [&](bool is_last_check) {
+            head_seen = ptx::ld_acquire_sys(head_ptr);
+            const bool is_full = sent - head_seen >= num_slots;
+            if (is_full && is_last_check)
+                printf(
+                    "hybrid_ep %s timeout: rank %d, block %d, sender %d waits for peer %d to free a ring slot: "
+                    "expected head > %d, observed %d\n",
+                    kernel_name, rank, static_cast<int>(blockIdx.x), sender_idx, dst_rank, sent - num_slots,
+                    head_seen);
+            return is_full;
+        });
+    }
+    ptx::fence_proxy_async_global();
+}
+
 }  // namespace hybrid_ep

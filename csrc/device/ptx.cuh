@@ -6,6 +6,12 @@
 
 #include <cstdint>
 
+namespace hybrid_ep {
+
+constexpr int kWarpSize = 32;
+
+}  // namespace hybrid_ep
+
 namespace hybrid_ep::ptx {
 
 // Returns: the lane index of the calling thread within its warp (0..31).

@@ -25,4 +25,12 @@ constexpr T ceil_div(T a, T b) {
     return (a + b - 1) / b;
 }
 
+// Returns: the static shared memory of `kernel` in bytes (the dynamic part must fit beside it).
+template <typename Kernel>
+size_t static_shared_bytes(Kernel kernel) {
+    cudaFuncAttributes attributes{};
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    return attributes.sharedSizeBytes;
+}
+
 }  // namespace hybrid_ep::kernels

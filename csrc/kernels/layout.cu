@@ -8,8 +8,8 @@
 // Preconditions: outputs are device memory of the current device; the launcher zeroes them before the kernel.
 #include <algorithm>
 #include <cstdint>
-#include <string>
 
+#include "device/ptx.cuh"
 #include "kernels/api.cuh"
 #include "kernels/launch.cuh"
 #include "runtime/exception.hpp"
@@ -19,7 +19,6 @@ namespace {
 
 constexpr int kNumThreads = 256;
 constexpr int kNumBlocksPerSM = 4;
-constexpr int kWarpSize = 32;
 constexpr size_t kMaxNumSmemBytes = 48 * 1024;
 
 template <bool kUseSmemCounters>
@@ -104,24 +103,25 @@ __global__ void __launch_bounds__(kNumThreads)
 }  // namespace
 
 void get_dispatch_layout(const DispatchLayoutParams& params, int num_sms, cudaStream_t stream) {
-    HEP_HOST_ASSERT_MSG(
-        params.num_topk >= 1 && params.num_topk <= kMaxNumTopk,
-        "num_topk must be in [1, " + std::to_string(kMaxNumTopk) + "], got " + std::to_string(params.num_topk));
-    HEP_HOST_ASSERT_MSG(params.num_tokens >= 0, "num_tokens=" + std::to_string(params.num_tokens));
-    HEP_HOST_ASSERT_MSG(params.num_ranks > 0 && params.num_experts > 0 && params.num_experts % params.num_ranks == 0,
-                        "num_experts=" + std::to_string(params.num_experts) + " must be a positive multiple of " +
-                            "num_ranks=" + std::to_string(params.num_ranks));
-    HEP_HOST_ASSERT(params.num_tokens_per_rank != nullptr && params.num_tokens_per_expert != nullptr);
-    HEP_HOST_ASSERT(params.num_tokens == 0 || (params.topk_idx != nullptr && params.is_token_in_rank != nullptr));
+    HEP_CHECK(params.num_topk >= 1 && params.num_topk <= kMaxNumTopk, "get_dispatch_layout: num_topk must be in [1, ",
+              kMaxNumTopk, "], got ", params.num_topk);
+    HEP_CHECK(params.num_tokens >= 0, "get_dispatch_layout: num_tokens must be >= 0, got ", params.num_tokens);
+    HEP_CHECK(params.num_ranks > 0 && params.num_experts > 0 && params.num_experts % params.num_ranks == 0,
+              "get_dispatch_layout: num_experts (", params.num_experts, ") must be a positive multiple of num_ranks (",
+              params.num_ranks, ")");
+    HEP_CHECK(params.num_tokens_per_rank != nullptr && params.num_tokens_per_expert != nullptr,
+              "get_dispatch_layout: num_tokens_per_rank and num_tokens_per_expert are required");
+    HEP_CHECK(params.num_tokens == 0 || (params.topk_idx != nullptr && params.is_token_in_rank != nullptr),
+              "get_dispatch_layout: topk_idx and is_token_in_rank are required when there are tokens");
     if (params.num_domains > 0) {
-        HEP_HOST_ASSERT(params.num_tokens_per_domain != nullptr);
-        HEP_HOST_ASSERT_MSG(
+        HEP_CHECK(params.num_tokens_per_domain != nullptr,
+                  "get_dispatch_layout: num_tokens_per_domain is required with num_domains > 0");
+        HEP_CHECK(
             params.num_ranks_per_domain > 0 && params.num_domains * params.num_ranks_per_domain == params.num_ranks,
-            "num_domains=" + std::to_string(params.num_domains) +
-                " times num_ranks_per_domain=" + std::to_string(params.num_ranks_per_domain) +
-                " must equal num_ranks=" + std::to_string(params.num_ranks));
+            "get_dispatch_layout: num_domains (", params.num_domains, ") times num_ranks_per_domain (",
+            params.num_ranks_per_domain, ") must equal num_ranks (", params.num_ranks, ")");
     }
-    HEP_HOST_ASSERT_MSG(num_sms > 0, "num_sms=" + std::to_string(num_sms));
+    HEP_CHECK(num_sms > 0, "get_dispatch_layout: num_sms must be positive, got ", num_sms);
 
     // NOTES: the kernel only adds to the outputs, so they are zeroed first; with no tokens this is all there is.
     CUDA_CHECK(cudaMemsetAsync(params.num_tokens_per_rank, 0, sizeof(int) * params.num_ranks, stream));

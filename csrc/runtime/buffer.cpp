@@ -66,11 +66,6 @@ NvlRuntime::~NvlRuntime() {
     (void)cudaGetLastError();
 }
 
-void NvlRuntime::fill_domain(void** buffer_ptrs) const {
-    for (int p = 0; p < num_ranks_; ++p)
-        buffer_ptrs[p] = buffer_ptrs_[p];
-}
-
 void NvlRuntime::check_alive(const char* what) const {
     HEP_CHECK(local_ptr_ != nullptr, what, ": the NVLink buffer was already freed");
 }
@@ -106,10 +101,7 @@ void NvlRuntime::barrier() {
     HEP_CHECK(peers_open_, "barrier: open_peers has not run");
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
     kernels::BarrierParams params{};
-    fill_domain(params.buffer_ptrs);
-    params.rank = rank_;
-    params.num_ranks = num_ranks_;
-    params.num_timeout_cycles = num_timeout_cycles_;
+    fill_domain(params);
     kernels::intranode_barrier(params, c10::cuda::getCurrentCUDAStream());
 }
 
@@ -117,10 +109,7 @@ void NvlRuntime::prepare_rings() {
     HEP_CHECK(peers_open_, "prepare_rings: open_peers has not run");
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
     kernels::BarrierParams params{};
-    fill_domain(params.buffer_ptrs);
-    params.rank = rank_;
-    params.num_ranks = num_ranks_;
-    params.num_timeout_cycles = num_timeout_cycles_;
+    fill_domain(params);
     kernels::prepare_rings(params, c10::cuda::getCurrentCUDAStream());
 }
 
@@ -172,10 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NvlRuntim
     auto send_head = at::empty({is_token_in_rank.size(0), num_ranks_}, options);
 
     kernels::NotifyDispatchParams params{};
-    fill_domain(params.buffer_ptrs);
-    params.rank = rank_;
-    params.num_ranks = num_ranks_;
-    params.num_timeout_cycles = num_timeout_cycles_;
+    fill_domain(params);
     params.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
     params.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
     params.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
@@ -246,10 +232,7 @@ void NvlRuntime::dispatch(const at::Tensor& x, const std::optional<at::Tensor>& 
     const int64_t num_out_rows = recv_x.size(0);
 
     kernels::DispatchParams params{};
-    fill_domain(params.buffer_ptrs);
-    params.rank = rank_;
-    params.num_ranks = num_ranks_;
-    params.num_timeout_cycles = num_timeout_cycles_;
+    fill_domain(params);
     params.x = x.data_ptr();
     if (x_scales.has_value()) {
         check_tensor(*x_scales, "x_scales", at::kFloat, 2, device_idx_, false);
@@ -323,10 +306,7 @@ void NvlRuntime::combine(const at::Tensor& x, const std::optional<at::Tensor>& t
     HEP_CHECK(topk_weights.has_value() == combined_topk_weights.has_value(),
               "topk_weights and combined_topk_weights go together");
     kernels::CombineParams params{};
-    fill_domain(params.buffer_ptrs);
-    params.rank = rank_;
-    params.num_ranks = num_ranks_;
-    params.num_timeout_cycles = num_timeout_cycles_;
+    fill_domain(params);
     params.x = x.data_ptr();
     if (topk_weights.has_value()) {
         check_tensor(*topk_weights, "topk_weights", at::kFloat, 2, device_idx_);
@@ -359,10 +339,7 @@ void NvlRuntime::combine(const at::Tensor& x, const std::optional<at::Tensor>& t
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     kernels::NotifyCombineParams notify{};
-    fill_domain(notify.buffer_ptrs);
-    notify.rank = rank_;
-    notify.num_ranks = num_ranks_;
-    notify.num_timeout_cycles = num_timeout_cycles_;
+    fill_domain(notify);
     notify.num_tokens = static_cast<int>(num_tokens);
     // NOTES: checked before the prelude is enqueued, so a rejected call leaves no barrier half-done.
     kernels::check_combine(params, layout_.num_data_bytes, smem_limit_);

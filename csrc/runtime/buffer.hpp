@@ -91,7 +91,15 @@ public:
 
 private:
     void check_alive(const char* what) const;
-    void fill_domain(void** buffer_ptrs) const;
+    // Fills the fields every kernel's params share: the peers' buffers, this rank, the rank count and the timeout.
+    template <typename Params>
+    void fill_domain(Params& params) const {
+        for (int p = 0; p < num_ranks_; ++p)
+            params.buffer_ptrs[p] = buffer_ptrs_[p];
+        params.rank = rank_;
+        params.num_ranks = num_ranks_;
+        params.num_timeout_cycles = num_timeout_cycles_;
+    }
 
     int rank_;
     int num_ranks_;

@@ -18,10 +18,9 @@
 //     kPublishLag back, and at the end of each unit. Slots are reused after the reducer's head passed them
 //     (bounded wait).
 //   * reducers (warps kNumSenders..): batches of up to 32 tokens of the unit; every warp reads the routing of the
-//   batch,
-//     waits (bounded) until each peer's tail covers the batch, then takes every kNumReduceWarps-th token and sums
-//     bias_0, bias_1 and the copies from ranks 0..R-1 (this rank's own copy read from x directly); then the leader
-//     releases the heads into the peers' buffers.
+//     batch, waits (bounded) until each peer's tail covers the batch, then takes every kNumReduceWarps-th token and
+//     sums bias_0, bias_1 and the copies from ranks 0..R-1 (this rank's own copy read from x directly); then the
+//     leader releases the heads into the peers' buffers.
 // Counters start every call at zero: notify_combine zeroes this rank's own after its barrier, before the peers
 // may see its epoch.
 // Preconditions: notify_combine ran just before on this stream; the handle comes from a dispatch of this Buffer.
@@ -41,7 +40,6 @@
 namespace hybrid_ep::kernels {
 namespace {
 
-constexpr int kWarpSize = 32;
 // NOTES: one issuing lane per block was the limit (reducers waited for tails about 60% of the time). Three senders
 // serve the three peers of a 4-rank domain one each. With them the reducers became the limit: 13 reducer warps
 // instead of 9 made combine 7-9% faster on 4 H200 GPUs at 8-16 SMs, although 16 warps leave 128 registers per
@@ -257,21 +255,12 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                 const int dst_rank = stage_dst[item_idx % kNumStages];
                 const int sent = state.sent[dst_rank];
                 if (sent - state.head_seen[dst_rank] >= p.num_ring_slots) {
-                    ptx::bulk_wait_group<0>();
-                    publish(state.sent);
-                    const int* head_ptr = NvlBufferLayout::head(p.buffer_ptrs[rank], block_idx, dst_rank);
-                    timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
-                        state.head_seen[dst_rank] = ptx::ld_acquire_sys(head_ptr);
-                        const bool is_full = sent - state.head_seen[dst_rank] >= p.num_ring_slots;
-                        if (is_full && is_last_check)
-                            printf(
-                                "hybrid_ep combine timeout: rank %d, block %d, sender %d waits for peer %d to free a "
-                                "ring slot: expected head > %d, observed %d\n",
-                                rank, block_idx, sender_idx, dst_rank, sent - p.num_ring_slots,
-                                state.head_seen[dst_rank]);
-                        return is_full;
-                    });
-                    ptx::fence_proxy_async_global();
+                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], block_idx, dst_rank), sent,
+                                   p.num_ring_slots, state.head_seen[dst_rank], p.num_timeout_cycles, "combine", rank,
+                                   sender_idx, dst_rank, [&]() {
+                                       ptx::bulk_wait_group<0>();
+                                       publish(state.sent);
+                                   });
                 }
                 const int slot = sent % p.num_ring_slots;
                 const uint32_t stage_addr = ptx::smem_addr(stage_ptr(k));
@@ -541,26 +530,23 @@ void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int sm
     check_combine(params, num_nvl_bytes, smem_limit);
     const CombineMetaLayout meta_layout{params.num_topk};
     const int stage_bytes = (params.hidden * 2 + meta_layout.num_bytes() + 127) / 128 * 128;
-    const int static_smem = 8 * 1024;
-    const auto launch = [&](auto kernel, int num_stages) {
+    // Launches `kernel` if its stages fit in shared memory beside the kernel's static shared memory.
+    const auto try_launch = [&](auto kernel, int num_stages) {
         const size_t smem = static_cast<size_t>(kNumSenders) * num_stages * stage_bytes;
+        if (smem + static_shared_bytes(kernel) > static_cast<size_t>(smem_limit))
+            return false;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         kernel<<<params.num_blocks, kNumThreads, smem, stream>>>(params);
+        return true;
     };
-    const auto fits = [&](int num_stages) {
-        return kNumSenders * num_stages * stage_bytes + static_smem <= smem_limit;
-    };
-    // Each sender gets its own stages; wider rows get fewer (check_combine guarantees two).
+    // Each sender gets its own stages, as many as fit (check_combine guarantees two). NOTES: 5 stages for rows of
+    // hidden 7168 were 3-5% slower than 4 on 4 H200 GPUs.
     const auto launch_ranks = [&](auto ranks_tag) {
         constexpr int kMaxRanks = decltype(ranks_tag)::value;
-        if (fits(8))
-            launch(combine_kernel<kMaxRanks, 8, 3, 6>, 8);
-        else if (fits(6))
-            launch(combine_kernel<kMaxRanks, 6, 2, 4>, 6);
-        else if (fits(4))
-            launch(combine_kernel<kMaxRanks, 4, 1, 3>, 4);
-        else
-            launch(combine_kernel<kMaxRanks, 2, 0, 2>, 2);
+        const bool is_launched =
+            try_launch(combine_kernel<kMaxRanks, 8, 3, 6>, 8) || try_launch(combine_kernel<kMaxRanks, 6, 2, 4>, 6) ||
+            try_launch(combine_kernel<kMaxRanks, 4, 1, 3>, 4) || try_launch(combine_kernel<kMaxRanks, 2, 0, 2>, 2);
+        HEP_CHECK(is_launched, "combine: a row of ", params.hidden * 2, " bytes is too wide for shared memory");
     };
     if (params.num_ranks <= 2)
         launch_ranks(std::integral_constant<int, 2>{});

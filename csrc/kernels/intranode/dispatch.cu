@@ -40,7 +40,6 @@
 namespace hybrid_ep::kernels {
 namespace {
 
-constexpr int kWarpSize = 32;
 // NOTES: one issuing lane per block was the limit (receivers idled about 60% of the time); two senders share the
 // 16 warps with 14 receivers, which keeps 128 registers per thread.
 constexpr int kNumSenders = 2;
@@ -249,21 +248,12 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
                 if (sent - state.head_seen[d] >= rings.num_slots) {
                     // NOTES: the ring may be full of rows not yet published; publish everything first (an extra
                     // bulk group only makes the later group waits stricter), or the receiver could never free it.
-                    ptx::bulk_commit_group();
-                    ptx::bulk_wait_group<0>();
-                    publish(state.sent, false);
-                    const int* head_ptr = NvlBufferLayout::head(p.buffer_ptrs[rank], ring_idx, d);
-                    timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
-                        state.head_seen[d] = ptx::ld_acquire_sys(head_ptr);
-                        const bool is_full = sent - state.head_seen[d] >= rings.num_slots;
-                        if (is_full && is_last_check)
-                            printf(
-                                "hybrid_ep dispatch timeout: rank %d, block %d, sender %d waits for peer %d to free a "
-                                "ring slot: expected head > %d, observed %d\n",
-                                rank, block_idx, sender_idx, d, sent - rings.num_slots, state.head_seen[d]);
-                        return is_full;
-                    });
-                    ptx::fence_proxy_async_global();
+                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], ring_idx, d), sent, rings.num_slots,
+                                   state.head_seen[d], p.num_timeout_cycles, "dispatch", rank, sender_idx, d, [&]() {
+                                       ptx::bulk_commit_group();
+                                       ptx::bulk_wait_group<0>();
+                                       publish(state.sent, false);
+                                   });
                 }
                 if (sent == 0)
                     state.start[d] = row;
@@ -502,29 +492,23 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
               "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)");
 
     const int stage_bytes = StageLayout{params.num_x_bytes, meta_layout.num_bytes()}.stride();
-    const auto launch = [&](auto kernel, int num_stages) {
+    // Launches `kernel` if its stages fit in shared memory beside the kernel's static shared memory.
+    const auto try_launch = [&](auto kernel, int num_stages) {
         const size_t smem = static_cast<size_t>(kNumSenders) * num_stages * stage_bytes;
+        if (smem + static_shared_bytes(kernel) > static_cast<size_t>(smem_limit))
+            return false;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         kernel<<<2 * params.num_channels, kNumThreads, smem, stream>>>(params);
-    };
-    const int static_smem = 8 * 1024;
-    const auto fits = [&](int num_stages) {
-        return kNumSenders * num_stages * stage_bytes + static_smem <= smem_limit;
+        return true;
     };
     // NOTES: the stage count, prefetch depth and publish lag changed little on 4 H200 GPUs (12 or 14 stages with
-    // one sender, lag 8 to 40); the publish period (Config.num_max_nvl_chunked_send_tokens) did. Each sender gets
-    // its own stages; wider rows get fewer.
-    if (fits(8))
-        launch(dispatch_kernel<8, 3, 6>, 8);
-    else if (fits(6))
-        launch(dispatch_kernel<6, 2, 4>, 6);
-    else if (fits(4))
-        launch(dispatch_kernel<4, 1, 3>, 4);
-    else if (fits(2))
-        launch(dispatch_kernel<2, 0, 2>, 2);
-    else
-        HEP_CHECK(false, "dispatch: a row of ", params.num_x_bytes, " bytes is too wide for shared memory (",
-                  smem_limit, " bytes per block, ", kNumSenders, " senders)");
+    // one sender, lag 8 to 40; 14 stages instead of 8 for FP8 rows of hidden 7168, 7 instead of 6 for BF16 ones);
+    // the publish period (Config.num_max_nvl_chunked_send_tokens) did. Each sender gets its own stages; wider rows
+    // get fewer.
+    const bool is_launched = try_launch(dispatch_kernel<8, 3, 6>, 8) || try_launch(dispatch_kernel<6, 2, 4>, 6) ||
+                             try_launch(dispatch_kernel<4, 1, 3>, 4) || try_launch(dispatch_kernel<2, 0, 2>, 2);
+    HEP_CHECK(is_launched, "dispatch: a row of ", params.num_x_bytes, " bytes is too wide for shared memory (",
+              smem_limit, " bytes per block, ", kNumSenders, " senders)");
     CUDA_CHECK(cudaGetLastError());
 }
 

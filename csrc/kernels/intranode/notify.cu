@@ -23,7 +23,6 @@ namespace hybrid_ep::kernels {
 namespace {
 
 constexpr int kNumNotifyThreads = 1024;
-constexpr int kWarpSize = 32;
 
 // Block-wide exclusive prefix sum of one int per thread (blockDim.x == kNumNotifyThreads). Returns: the sum of the
 // values of lower-indexed threads; `total` receives the sum of all.

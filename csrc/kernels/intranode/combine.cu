@@ -264,9 +264,9 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                 }
                 const int slot = sent % p.num_ring_slots;
                 const uint32_t stage_addr = ptx::smem_addr(stage_ptr(k));
-                ptx::tma_store_1d(rings.x(p.buffer_ptrs[dst_rank], block_idx, rank, slot), stage_addr, num_row_bytes);
-                ptx::tma_store_1d(rings.meta(p.buffer_ptrs[dst_rank], block_idx, rank, slot),
-                                  stage_addr + num_row_bytes, meta_layout.num_bytes());
+                // The row and its metadata, contiguous in the stage and in the slot.
+                ptx::tma_store_1d(rings.x(p.buffer_ptrs[dst_rank], block_idx, rank, slot), stage_addr,
+                                  num_row_bytes + meta_layout.num_bytes());
                 state.sent[dst_rank] = sent + 1;
                 ptx::bulk_commit_group();
                 history.record(item_idx, state.sent, num_ranks);

@@ -258,9 +258,9 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
                 if (sent == 0)
                     state.start[d] = row;
                 const int slot = sent % rings.num_slots;
-                ptx::tma_store_1d(rings.x(p.buffer_ptrs[d], ring_idx, rank, slot), stage_addr, p.num_x_bytes);
-                ptx::tma_store_1d(rings.meta(p.buffer_ptrs[d], ring_idx, rank, slot), stage_addr + p.num_x_bytes,
-                                  stage_layout.num_meta_bytes);
+                // The row and its metadata, contiguous in the stage and in the slot.
+                ptx::tma_store_1d(rings.x(p.buffer_ptrs[d], ring_idx, rank, slot), stage_addr,
+                                  p.num_x_bytes + stage_layout.num_meta_bytes);
                 state.sent[d] = sent + 1;
             }
             ptx::bulk_commit_group();

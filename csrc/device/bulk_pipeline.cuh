@@ -38,15 +38,23 @@ struct StageBarriers {
         ptx::tma_load_1d(stage_addr, src, num_bytes, bar);
     }
 
-    // Waits (bounded) until the load of item `item_idx` has landed in its stage.
+    // Arrives once at the barrier of item `item_idx`'s stage (a barrier used without bulk loads).
+    __device__ __forceinline__ void arrive(int item_idx) {
+        ptx::mbarrier_arrive(ptx::smem_addr(&bars[item_idx % kNumStages]));
+    }
+
+    // Waits (bounded) until the load of item `item_idx` has landed in its stage (or, for a barrier used with
+    // `arrive`, until item `item_idx` arrived).
     __device__ __forceinline__ void wait(int item_idx, int64_t num_timeout_cycles, const char* kernel_name, int rank) {
         const uint32_t bar = ptx::smem_addr(&bars[item_idx % kNumStages]);
         const uint32_t phase = (item_idx / kNumStages) & 1;
         timeout_while(num_timeout_cycles, [&](bool is_last_check) {
             const bool is_done = ptx::mbarrier_try_wait(bar, phase);
             if (!is_done && is_last_check)
-                printf("hybrid_ep %s timeout: rank %d, block %d: the local bulk load of item %d never completed\n",
-                       kernel_name, rank, static_cast<int>(blockIdx.x), item_idx);
+                printf(
+                    "hybrid_ep %s timeout: rank %d, block %d: the stage barrier of item %d never completed (its local "
+                    "bulk load, or its release)\n",
+                    kernel_name, rank, static_cast<int>(blockIdx.x), item_idx);
             return !is_done;
         });
     }

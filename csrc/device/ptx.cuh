@@ -86,6 +86,11 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, int num_
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" : : "r"(bar), "r"(num_bytes) : "memory");
 }
 
+// Arrives once at `bar` (release at CTA scope).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" : : "r"(bar) : "memory");
+}
+
 // Returns: true once the phase of `bar` with parity `phase` has completed (one bounded hardware try).
 __device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t phase) {
     uint32_t done;

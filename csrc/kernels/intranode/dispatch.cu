@@ -1,26 +1,26 @@
 // `intranode_dispatch`: moves rows over NVLink into per-(block, source) rings of the receivers, which copy them out.
 //
 // Grid: 2 blocks per channel; block b sends the tokens of one half of channel b / 2 (contiguous) and receives what
-// block b of every peer sends. Each block has kNumSenders sender warps and kNumRecvWarps receiver warps; sender w
-// of block b takes the w-th contiguous part of the block's tokens and owns ring r = b * kNumSenders + w at every
-// peer (the Config's ring slots are shared out among a block's senders):
-//   * senders (warps 0..kNumSenders-1): lane 0 of each runs the bulk-copy pipeline of device/bulk_pipeline.cuh, in
-//     its own part of shared memory and with its own bulk groups (only the issuing thread can wait for them), so a
-//     block keeps several rows per clock cycle in flight where one lane issuing everything would limit it. Token k +
-//     kNumPrefetch + 1 is loaded global -> shared (TMA, completion on the stage's mbarrier) while token k is stored
-//     shared -> peer ring (TMA) for every destination `send_head` names, one bulk group per token, its metadata (source
-//     index, top-k, weights, scales, loaded into registers one token ahead and written into the stage by all lanes)
-//     with it. This rank's own rows go straight into the outputs. A stage is refilled once its stores have read it
-//     (`wait_group.read`); every num_chunk_tokens tokens lane 0 waits until the stores of the token kPublishLag
-//     back have completed and publishes the ring tails it recorded after that token (one system-scope fence, then
-//     relaxed stores). Before a slot is reused the sender waits (bounded) for the receiver's head. The last tail
-//     carries kDoneBit.
-//   * receivers (warps kNumSenders..): grouped per ring (source rank, sender); a group leader polls its rings' tails
-//     (acquire), the group
-//     copies the available rows to recv_x / recv_* (16-byte loads that skip L1, 12 in flight per lane, metadata
-//     loaded first; top-k localised), then the leader
-//     releases the head into the source's buffer. Rows go to `start + j`, where start (the receive row of the
-//     sender block's first row for this rank) is written by the sender before its first tail.
+// block b of every peer sends. Each block has kNumSenders senders (two warps each) and kNumRecvWarps receiver warps;
+// sender w of block b takes the w-th contiguous part of the block's tokens and owns ring r = b * kNumSenders + w at
+// every peer (the Config's ring slots are shared out among a block's senders):
+//   * senders (warps 0..2 * kNumSenders - 1; sender w is the issuer 2w and the filler 2w + 1): each runs the
+//     bulk-copy pipeline of device/bulk_pipeline.cuh in its own part of shared memory. The filler writes token k's
+//     metadata (source index, top-k, weights, scales, loaded into registers one token ahead) into stage k %
+//     kNumStages and this rank's own copy of it into the outputs, then its lane 0 loads the row global -> shared
+//     (TMA); the stage's mbarrier completes when both are there. The issuer's lane 0 waits for it and stores the
+//     stage shared -> peer ring (TMA, row and metadata in one copy) for every destination `send_head` names, one
+//     bulk group per token, or straight into recv_x for this rank. Only the issuing thread can wait for its bulk
+//     groups, so it frees a stage (a second mbarrier the filler waits on) once the token's stores have read it
+//     (`wait_group.read`); every num_chunk_tokens tokens it waits until the stores of the token kPublishLag back
+//     have completed and publishes the ring tails it recorded after that token (one system-scope fence, then
+//     relaxed stores). Before a slot is reused it waits (bounded) for the receiver's head. The last tail carries
+//     kDoneBit.
+//   * receivers (warps 2 * kNumSenders..): grouped per ring (source rank, sender); a group leader polls its rings'
+//     tails (acquire), the group copies the available rows to recv_x / recv_* (16-byte loads that skip L1, 12 in
+//     flight per lane, metadata loaded first; top-k localised), then the leader releases the head into the
+//     source's buffer. Rows go to `start + j`, where start (the receive row of the sender block's first row for this
+//     rank) is written by the sender before its first tail.
 // Counters: tails[r][s] (receiver's buffer, written by source s) and heads[r][d] (sender's buffer, written by
 // receiver d) start every call at zero: each rank zeroes its own between the two barriers before the kernel
 // (notify_dispatch, or prepare_rings in cached mode).
@@ -40,11 +40,15 @@
 namespace hybrid_ep::kernels {
 namespace {
 
-// NOTES: one issuing lane per block was the limit (receivers idled about 60% of the time); two senders share the
-// 16 warps with 14 receivers, which keeps 128 registers per thread.
+// NOTES: one issuing lane per block was the limit (receivers idled about 60% of the time). Two senders, each an
+// issuer and a filler warp, share the 16 warps with 12 receivers, which keeps 128 registers per thread; receivers
+// still wait for tails about half the time.
 constexpr int kNumSenders = 2;
-constexpr int kNumRecvWarps = 14;
-constexpr int kNumThreads = (kNumSenders + kNumRecvWarps) * kWarpSize;
+constexpr int kNumRecvWarps = 12;
+constexpr int kNumThreads = (2 * kNumSenders + kNumRecvWarps) * kWarpSize;
+// Named barrier of sender w's issuer and filler warps (receiver groups use 1..kNumRecvWarps).
+constexpr int kFirstSenderBarrier = 1 + kNumRecvWarps;
+static_assert(kFirstSenderBarrier + kNumSenders <= 16, "16 named barriers per block");
 constexpr int kDoneBit = 1 << 30;
 
 struct StageLayout {
@@ -108,17 +112,19 @@ __device__ __forceinline__ RingLayout dispatch_rings(const DispatchParams& p, co
 }
 
 template <int kNumStages, int kNumPrefetch, int kPublishLag>
-__device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx, int sender_idx) {
+__device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx, int sender_idx, bool is_filler) {
     static_assert(kNumPrefetch >= 0 && kNumPrefetch + 1 < kNumStages, "prefetch depth must be below the stage count");
     constexpr int kNumReadPending = kNumStages - kNumPrefetch - 1;
     constexpr int kHistoryDepth = kPublishLag + 1;
     __shared__ SenderState states[kNumSenders];
     __shared__ SentHistory<kHistoryDepth> histories[kNumSenders];
     __shared__ StageBarriers<kNumStages> all_stages[kNumSenders];
+    __shared__ StageBarriers<kNumStages> all_free[kNumSenders];  // stage free again: its stores have read it
     __shared__ int all_stage_rows[kNumSenders][kNumStages][kNumMaxKernelRanks];  // receive row of a stage's token
     SenderState& state = states[sender_idx];
     SentHistory<kHistoryDepth>& history = histories[sender_idx];
     StageBarriers<kNumStages>& stages = all_stages[sender_idx];
+    StageBarriers<kNumStages>& free_stages = all_free[sender_idx];
     auto& stage_rows = all_stage_rows[sender_idx];
 
     const int lane_idx = ptx::get_lane_idx();
@@ -141,11 +147,15 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
     const int token_begin = min(half_begin + sender_idx * tokens_per_sender, half_end);
     const int num_block_tokens = min(token_begin + tokens_per_sender, half_end) - token_begin;
 
-    if (lane_idx < kNumMaxKernelRanks)
-        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.start[lane_idx] = 0;
-    if (lane_idx == 0)
-        stages.init();
-    __syncwarp();
+    if (!is_filler) {
+        if (lane_idx < kNumMaxKernelRanks)
+            state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.start[lane_idx] = 0;
+        if (lane_idx == 0) {
+            stages.init();
+            free_stages.init();
+        }
+    }
+    ptx::named_barrier_sync(kFirstSenderBarrier + sender_idx, 2 * kWarpSize);
 
     const auto stage_ptr = [&](int k) { return smem + (k % kNumStages) * stage_layout.stride(); };
     // Lane 0: makes tails up to `sent_after` visible at every peer (all bulk groups they count have completed).
@@ -171,15 +181,12 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
             state.published[d] = value;
         }
     };
-    // Every lane: starts the load of token k into its (free) stage and writes the token's metadata next to it, and
-    // this rank's own copy of the metadata straight into the outputs.
+    // Every lane of the filler: writes the metadata of token k into its (free) stage and this rank's own copy of it
+    // straight into the outputs, then starts the load of the token's row; the stage's barrier completes once both
+    // are there.
     const auto fill_stage = [&](int k, const TokenMeta& meta) {
         const int token_idx = token_begin + k;
         uint8_t* stage = stage_ptr(k);
-        if (lane_idx == 0)
-            stages.load(k, ptx::smem_addr(stage),
-                        static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(token_idx) * p.num_x_bytes,
-                        p.num_x_bytes);
         uint8_t* stage_meta = stage + p.num_x_bytes;
         if (lane_idx == 0)
             *reinterpret_cast<int*>(stage_meta) = token_idx;
@@ -212,21 +219,34 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
             for (int s = lane_idx; s < p.num_scales; s += kWarpSize)
                 p.recv_scales[static_cast<int64_t>(self_row) * p.num_scales + s] = stage_scales[s];
         }
+        // NOTES: the metadata written above is read by the issuer's bulk stores (async proxy) once it sees the
+        // stage's barrier complete, which lane 0's arrival (release) below orders after every lane's writes.
         ptx::fence_proxy_async_shared();
+        __syncwarp();
+        if (lane_idx == 0)
+            stages.load(k, ptx::smem_addr(stage),
+                        static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(token_idx) * p.num_x_bytes,
+                        p.num_x_bytes);
     };
 
-    // Prologue: tokens 0..kNumPrefetch into their stages; the metadata of the next token is always in flight.
-    TokenMeta next_meta;
-    if (num_block_tokens > 0)
-        next_meta = load_token_meta(p, token_begin, lane_idx);
-    int num_filled = 0;
-    for (; num_filled < min(kNumPrefetch + 1, num_block_tokens); ++num_filled) {
-        const TokenMeta meta = next_meta;
-        if (num_filled + 1 < num_block_tokens)
-            next_meta = load_token_meta(p, token_begin + num_filled + 1, lane_idx);
-        fill_stage(num_filled, meta);
+    if (is_filler) {
+        // NOTES: a warp of its own fills the stages, so the issuer's lane does nothing but issue bulk copies; as
+        // one warp, filling took about a fifth of the sender's time on 4 H200 GPUs. The metadata of the next token
+        // is always in flight. Token k reuses the stage of token k - kNumStages once the issuer frees it.
+        TokenMeta next_meta;
+        if (num_block_tokens > 0)
+            next_meta = load_token_meta(p, token_begin, lane_idx);
+        for (int k = 0; k < num_block_tokens; ++k) {
+            const TokenMeta meta = next_meta;
+            if (k + 1 < num_block_tokens)
+                next_meta = load_token_meta(p, token_begin + k + 1, lane_idx);
+            if (k >= kNumStages && lane_idx == 0)
+                free_stages.wait(k - kNumStages, p.num_timeout_cycles, "dispatch (stage free)", rank);
+            __syncwarp();
+            fill_stage(k, meta);
+        }
+        return;
     }
-    __syncwarp();
 
     for (int k = 0; k < num_block_tokens; ++k) {
         if (lane_idx == 0) {
@@ -270,19 +290,15 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
                 ptx::bulk_wait_group<kPublishLag>();
                 publish(history.after(k - kPublishLag), false);
             }
-            // The stage of token num_filled is free once the stores of token num_filled - kNumStages have read it.
-            if (num_filled < num_block_tokens)
+            // The stage of token k - kNumReadPending is free once its stores have read it; the filler needs it
+            // for token k - kNumReadPending + kNumStages.
+            if (k - kNumReadPending + kNumStages < num_block_tokens) {
                 ptx::bulk_wait_group_read<kNumReadPending>();
+                if (k >= kNumReadPending)
+                    free_stages.arrive(k - kNumReadPending);
+            }
         }
         __syncwarp();
-        if (num_filled < num_block_tokens) {
-            const TokenMeta meta = next_meta;
-            if (num_filled + 1 < num_block_tokens)
-                next_meta = load_token_meta(p, token_begin + num_filled + 1, lane_idx);
-            fill_stage(num_filled, meta);
-            ++num_filled;
-            __syncwarp();
-        }
     }
 
     if (lane_idx == 0) {
@@ -462,10 +478,10 @@ template <int kNumStages, int kNumPrefetch, int kPublishLag>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp_idx = threadIdx.x / kWarpSize;
-    if (warp_idx < kNumSenders)
-        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x, warp_idx);
+    if (warp_idx < 2 * kNumSenders)
+        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x, warp_idx / 2, warp_idx % 2 == 1);
     else
-        run_receiver(params, blockIdx.x, warp_idx - kNumSenders);
+        run_receiver(params, blockIdx.x, warp_idx - 2 * kNumSenders);
 }
 
 }  // namespace

@@ -91,8 +91,7 @@ __device__ __forceinline__ void wait_ring_slot(const int* head_ptr, int sent, in
                 printf(
                     "hybrid_ep %s timeout: rank %d, block %d, sender %d waits for peer %d to free a ring slot: "
                     "expected head > %d, observed %d\n",
-                    kernel_name, rank, static_cast<int>(blockIdx.x), sender_idx, dst_rank, sent - num_slots,
-                    head_seen);
+                    kernel_name, rank, static_cast<int>(blockIdx.x), sender_idx, dst_rank, sent - num_slots, head_seen);
             return is_full;
         });
     }

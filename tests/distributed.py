@@ -14,7 +14,7 @@ from typing import Any, Callable
 from hybrid_ep import launch
 from hybrid_ep.launch import ProcessGroupInfo, num_gpus
 
-__all__ = ["ProcessGroupInfo", "num_gpus", "parallel_launch", "requires_gpus"]
+__all__ = ["ProcessGroupInfo", "gpu_counts", "num_gpus", "parallel_launch", "requires_gpus", "requires_kernels"]
 
 DEFAULT_TIMEOUT_S = 300
 # How long a rank may wait in a host-side collective before it fails.
@@ -42,3 +42,22 @@ def requires_gpus(n: int):
     import pytest
 
     return pytest.mark.skipif(num_gpus() < n, reason=f"needs {n} CUDA GPU(s), found {num_gpus()}")
+
+
+def gpu_counts(*counts: int) -> list:
+    """pytest parameters: one per rank count in `counts`, each skipped unless that many GPUs are visible."""
+    import pytest
+
+    return [pytest.param(n, marks=requires_gpus(n)) for n in counts]
+
+
+def requires_kernels():
+    """pytest marker: skip unless hybrid_ep._C has the intranode dispatch/combine kernels."""
+    import pytest
+
+    import hybrid_ep
+
+    return pytest.mark.skipif(
+        not hybrid_ep.build_info()["features"].get("intranode", False),
+        reason="hybrid_ep._C without the intranode dispatch/combine kernels (build_info()['features']['intranode'])",
+    )

@@ -31,13 +31,10 @@ from cases import (
     make_inputs,
     pad_rows,
 )
-from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
+from distributed import ProcessGroupInfo, gpu_counts, parallel_launch, requires_gpus, requires_kernels
 
-needs_kernels = pytest.mark.skipif(
-    not hybrid_ep.build_info()["features"].get("intranode", False),
-    reason="hybrid_ep._C without the intranode dispatch/combine kernels (build_info()['features']['intranode'])",
-)
-GPU_COUNTS = [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)]
+needs_kernels = requires_kernels()
+GPU_COUNTS = gpu_counts(2, 4)
 
 NUM_TOKENS, HIDDEN, EXPERTS_PER_RANK, NUM_TOPK = 512, 2048, 8, 8
 NUM_REPLAYS = 200

@@ -41,13 +41,10 @@ from cases import (
     pad_rows,
     token_in_rank,
 )
-from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
+from distributed import ProcessGroupInfo, gpu_counts, parallel_launch, requires_gpus, requires_kernels
 
-needs_kernels = pytest.mark.skipif(
-    not hybrid_ep.build_info()["features"].get("intranode", False),
-    reason="hybrid_ep._C without the intranode dispatch/combine kernels (build_info()['features']['intranode'])",
-)
-GPU_COUNTS = [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)]
+needs_kernels = requires_kernels()
+GPU_COUNTS = gpu_counts(2, 4)
 
 # Small rings: 16 slots per ring, 4 tokens per step, so thousands of tokens wrap each ring many times.
 SMALL_RINGS = Config(8, 4, 16)

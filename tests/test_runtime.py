@@ -14,12 +14,12 @@ import torch
 import hybrid_ep
 
 from cases import Scenario, layout_kwargs, make_inputs, to_device
-from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
+from distributed import ProcessGroupInfo, gpu_counts, parallel_launch, requires_gpus
 
 pytestmark = pytest.mark.skipif(
     not hybrid_ep.build_info()["features"].get("nvl_runtime", False), reason="hybrid_ep._C without the NVLink runtime"
 )
-GPU_COUNTS = [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)]
+GPU_COUNTS = gpu_counts(2, 4)
 
 
 def run_peer_access(pg: ProcessGroupInfo) -> None:

@@ -1,9 +1,10 @@
 // `intranode_dispatch`: moves rows over NVLink into per-(block, source) rings of the receivers, which copy them out.
 //
 // Grid: 2 blocks per channel; block b sends the tokens of one half of channel b / 2 (contiguous) and receives what
-// block b of every peer sends. Each block has kNumSenders senders (two warps each) and kNumRecvWarps receiver warps;
-// sender w of block b takes the w-th contiguous part of the block's tokens and owns ring r = b * kNumSenders + w at
-// every peer (the Config's ring slots are shared out among a block's senders):
+// block b of every peer sends. Each block has kNumSenders senders (two warps each; 3 for rows of at most
+// kNumMaxNarrowRowBytes in grids of at most kNumMaxNarrowBlocks blocks, else 2) and 16 - 2 * kNumSenders receiver
+// warps; sender w of block b takes the w-th contiguous part of the block's tokens and owns ring r = b * kNumSenders + w
+// at every peer (the Config's ring slots are shared out among a block's senders):
 //   * senders (warps 0..2 * kNumSenders - 1; sender w is the issuer 2w and the filler 2w + 1): each runs the
 //     bulk-copy pipeline of device/bulk_pipeline.cuh in its own part of shared memory. The filler writes token k's
 //     metadata (source index, top-k, weights, scales, loaded into registers one token ahead) into stage k %
@@ -27,6 +28,7 @@
 // Preconditions: every rank's rings are idle (notify_dispatch or a barrier ran before on this stream); every rank
 // launches with the same num_channels, num_ring_slots, row and metadata sizes.
 #include <cstdio>
+#include <type_traits>
 
 #include "device/bulk_pipeline.cuh"
 #include "device/comm.cuh"
@@ -40,16 +42,26 @@
 namespace hybrid_ep::kernels {
 namespace {
 
-// NOTES: one issuing lane per block was the limit (receivers idled about 60% of the time). Two senders, each an
-// issuer and a filler warp, share the 16 warps with 12 receivers, which keeps 128 registers per thread; receivers
-// still wait for tails about half the time.
-constexpr int kNumSenders = 2;
-constexpr int kNumRecvWarps = 12;
-constexpr int kNumThreads = (2 * kNumSenders + kNumRecvWarps) * kWarpSize;
-// Named barrier of sender w's issuer and filler warps (receiver groups use 1..kNumRecvWarps).
-constexpr int kFirstSenderBarrier = 1 + kNumRecvWarps;
-static_assert(kFirstSenderBarrier + kNumSenders <= 16, "16 named barriers per block");
+// NOTES: one issuing lane per block was the limit (receivers idled about 60% of the time). Two or three senders,
+// each an issuer and a filler warp, share the 16 warps with the receivers, which keeps 128 registers per thread.
+// Four senders (8 receiver warps) were slower for BF16 and FP8 rows alike, and so were 2 of 12 receiver warps
+// copying this rank's own rows in place of the issuer's bulk store (BF16 17% slower at 16 SMs): the receivers
+// limit wide rows more than their idle time suggests.
+constexpr int kNumWarps = 16;
+constexpr int kNumThreads = kNumWarps * kWarpSize;
+
+// The warp roles of a block with kNumSenders senders.
+template <int kNumSenders>
+struct Roles {
+    static constexpr int kNumRecvWarps = kNumWarps - 2 * kNumSenders;
+    // Named barrier of sender w's issuer and filler warps (receiver groups use 1..kNumRecvWarps).
+    static constexpr int kFirstSenderBarrier = 1 + kNumRecvWarps;
+    static_assert(kNumRecvWarps >= 1 && kFirstSenderBarrier + kNumSenders <= 16, "16 named barriers per block");
+};
 constexpr int kDoneBit = 1 << 30;
+// Rows of at most this many bytes, in grids of at most this many blocks, get three senders per block, others two.
+constexpr int kNumMaxNarrowRowBytes = 8192;
+constexpr int kNumMaxNarrowBlocks = 16;
 
 struct StageLayout {
     int num_x_bytes;
@@ -105,13 +117,25 @@ __device__ __forceinline__ TokenMeta load_token_meta(const DispatchParams& p, in
     return meta;
 }
 
+// Tokens [begin, end) of block `block_idx`: one half of its channel.
+__device__ __forceinline__ void block_tokens(const DispatchParams& p, int block_idx, int& begin, int& end) {
+    const int channel = block_idx / 2;
+    const int tokens_per_channel = max((p.num_tokens + p.num_channels - 1) / p.num_channels, 1);
+    const int channel_begin = min(channel * tokens_per_channel, p.num_tokens);
+    const int channel_end = min(channel_begin + tokens_per_channel, p.num_tokens);
+    const int channel_mid = min(channel_begin + (tokens_per_channel + 1) / 2, channel_end);
+    begin = block_idx % 2 == 0 ? channel_begin : channel_mid;
+    end = block_idx % 2 == 0 ? channel_mid : channel_end;
+}
+
 // The rings of a dispatch: kNumSenders per block and source, sharing the Config's slots.
+template <int kNumSenders>
 __device__ __forceinline__ RingLayout dispatch_rings(const DispatchParams& p, const DispatchMetaLayout& meta_layout) {
     return RingLayout{p.num_ranks, 2 * p.num_channels * kNumSenders, p.num_ring_slots / kNumSenders, p.num_x_bytes,
                       meta_layout.num_bytes()};
 }
 
-template <int kNumStages, int kNumPrefetch, int kPublishLag>
+template <int kNumSenders, int kNumStages, int kNumPrefetch, int kPublishLag>
 __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx, int sender_idx, bool is_filler) {
     static_assert(kNumPrefetch >= 0 && kNumPrefetch + 1 < kNumStages, "prefetch depth must be below the stage count");
     constexpr int kNumReadPending = kNumStages - kNumPrefetch - 1;
@@ -131,18 +155,13 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
     const int rank = p.rank, num_ranks = p.num_ranks;
     const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
     const StageLayout stage_layout{p.num_x_bytes, meta_layout.num_bytes()};
-    const RingLayout rings = dispatch_rings(p, meta_layout);
+    const RingLayout rings = dispatch_rings<kNumSenders>(p, meta_layout);
     const int ring_idx = block_idx * kNumSenders + sender_idx;
     smem += sender_idx * kNumStages * stage_layout.stride();
 
-    // This sender's tokens: part sender_idx of one half of the block's channel.
-    const int channel = block_idx / 2;
-    const int tokens_per_channel = max((p.num_tokens + p.num_channels - 1) / p.num_channels, 1);
-    const int channel_begin = min(channel * tokens_per_channel, p.num_tokens);
-    const int channel_end = min(channel_begin + tokens_per_channel, p.num_tokens);
-    const int channel_mid = min(channel_begin + (tokens_per_channel + 1) / 2, channel_end);
-    const int half_begin = block_idx % 2 == 0 ? channel_begin : channel_mid;
-    const int half_end = block_idx % 2 == 0 ? channel_mid : channel_end;
+    // This sender's tokens: part sender_idx of the block's tokens.
+    int half_begin, half_end;
+    block_tokens(p, block_idx, half_begin, half_end);
     const int tokens_per_sender = (half_end - half_begin + kNumSenders - 1) / kNumSenders;
     const int token_begin = min(half_begin + sender_idx * tokens_per_sender, half_end);
     const int num_block_tokens = min(token_begin + tokens_per_sender, half_end) - token_begin;
@@ -155,7 +174,7 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
             free_stages.init();
         }
     }
-    ptx::named_barrier_sync(kFirstSenderBarrier + sender_idx, 2 * kWarpSize);
+    ptx::named_barrier_sync(Roles<kNumSenders>::kFirstSenderBarrier + sender_idx, 2 * kWarpSize);
 
     const auto stage_ptr = [&](int k) { return smem + (k % kNumStages) * stage_layout.stride(); };
     // Lane 0: makes tails up to `sent_after` visible at every peer (all bulk groups they count have completed).
@@ -371,7 +390,9 @@ __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const
     }
 }
 
+template <int kNumSenders>
 __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_warp_idx) {
+    constexpr int kNumRecvWarps = Roles<kNumSenders>::kNumRecvWarps;
     constexpr int kNumMaxRecvRings = kNumMaxKernelRanks * kNumSenders;
     __shared__ RecvTask tasks[kNumRecvWarps];
     __shared__ int consumed[kNumMaxRecvRings];
@@ -379,7 +400,7 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     const int rank = p.rank, num_ranks = p.num_ranks;
     const int num_blocks = 2 * p.num_channels;
     const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
-    const RingLayout rings = dispatch_rings(p, meta_layout);
+    const RingLayout rings = dispatch_rings<kNumSenders>(p, meta_layout);
 
     // Padding rows after the received ones: zero data, -1 indices (spread over every receiver warp of the grid).
     const int num_recv_rows = p.rank_prefix_matrix[(num_ranks - 1) * num_ranks + rank];
@@ -474,14 +495,15 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     }
 }
 
-template <int kNumStages, int kNumPrefetch, int kPublishLag>
+template <int kNumSenders, int kNumStages, int kNumPrefetch, int kPublishLag>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp_idx = threadIdx.x / kWarpSize;
     if (warp_idx < 2 * kNumSenders)
-        run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x, warp_idx / 2, warp_idx % 2 == 1);
+        run_sender<kNumSenders, kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x, warp_idx / 2,
+                                                                       warp_idx % 2 == 1);
     else
-        run_receiver(params, blockIdx.x, warp_idx - 2 * kNumSenders);
+        run_receiver<kNumSenders>(params, blockIdx.x, warp_idx - 2 * kNumSenders);
 }
 
 }  // namespace
@@ -496,23 +518,26 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
               "dispatch: a row of x must be a positive multiple of 16 bytes, got ", params.num_x_bytes);
     HEP_CHECK(params.num_topk >= 0 && params.num_topk <= kNumMaxRingTopk, "dispatch: num_topk must be in [0, ",
               kNumMaxRingTopk, "], got ", params.num_topk);
-    HEP_CHECK(params.num_ring_slots >= kNumSenders,
-              "dispatch: config.num_max_nvl_chunked_recv_tokens must be at least ", kNumSenders,
-              " (one ring slot per sender of a block), got ", params.num_ring_slots);
+    HEP_CHECK(params.num_ring_slots >= 2,
+              "dispatch: config.num_max_nvl_chunked_recv_tokens must be at least 2 (one ring slot per sender of a "
+              "block), got ",
+              params.num_ring_slots);
     HEP_CHECK(params.num_chunk_tokens >= 1, "dispatch: config.num_max_nvl_chunked_send_tokens must be positive");
     const DispatchMetaLayout meta_layout{params.num_topk, params.num_scales};
-    const RingLayout rings{params.num_ranks, 2 * params.num_channels * kNumSenders, params.num_ring_slots / kNumSenders,
-                           params.num_x_bytes, meta_layout.num_bytes()};
-    HEP_CHECK(rings.num_bytes() <= num_nvl_bytes, "dispatch: the rings of this config need ", rings.num_bytes(),
-              " bytes of NVLink buffer, but the Buffer has num_nvl_bytes=", num_nvl_bytes,
-              "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)");
-
     const int stage_bytes = StageLayout{params.num_x_bytes, meta_layout.num_bytes()}.stride();
-    // Launches `kernel` if its stages fit in shared memory beside the kernel's static shared memory.
-    const auto try_launch = [&](auto kernel, int num_stages) {
+    // Launches `kernel` with kNumSenders senders if its stages fit in shared memory beside the kernel's static
+    // shared memory.
+    const auto try_launch = [&](auto senders_tag, auto kernel, int num_stages) {
+        constexpr int kNumSenders = decltype(senders_tag)::value;
         const size_t smem = static_cast<size_t>(kNumSenders) * num_stages * stage_bytes;
         if (smem + static_shared_bytes(kernel) > static_cast<size_t>(smem_limit))
             return false;
+        const RingLayout rings{params.num_ranks, 2 * params.num_channels * kNumSenders,
+                               params.num_ring_slots / kNumSenders, params.num_x_bytes, meta_layout.num_bytes()};
+        HEP_CHECK(rings.num_bytes() <= num_nvl_bytes, "dispatch: the rings of this config need ", rings.num_bytes(),
+                  " bytes of NVLink buffer, but the Buffer has num_nvl_bytes=", num_nvl_bytes,
+                  "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, "
+                  "num_ranks)");
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         kernel<<<2 * params.num_channels, kNumThreads, smem, stream>>>(params);
         return true;
@@ -521,10 +546,24 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
     // one sender, lag 8 to 40; 14 stages instead of 8 for FP8 rows of hidden 7168, 7 instead of 6 for BF16 ones);
     // the publish period (Config.num_max_nvl_chunked_send_tokens) did. Each sender gets its own stages; wider rows
     // get fewer.
-    const bool is_launched = try_launch(dispatch_kernel<8, 3, 6>, 8) || try_launch(dispatch_kernel<6, 2, 4>, 6) ||
-                             try_launch(dispatch_kernel<4, 1, 3>, 4) || try_launch(dispatch_kernel<2, 0, 2>, 2);
+    const auto launch = [&](auto senders_tag) {
+        constexpr int kNumSenders = decltype(senders_tag)::value;
+        return try_launch(senders_tag, dispatch_kernel<kNumSenders, 8, 3, 6>, 8) ||
+               try_launch(senders_tag, dispatch_kernel<kNumSenders, 6, 2, 4>, 6) ||
+               try_launch(senders_tag, dispatch_kernel<kNumSenders, 4, 1, 3>, 4) ||
+               try_launch(senders_tag, dispatch_kernel<kNumSenders, 2, 0, 2>, 2);
+    };
+    // NOTES: narrow rows (FP8 of hidden 7168) are limited by how fast the issuers issue, token by token: three
+    // senders per block made FP8 dispatch 12-23% faster on 4 H200 GPUs at 8-16 SMs, but 6-9% slower at 20-24 SMs
+    // (60 or more senders in the grid) and BF16 rows of hidden 7168 slower at every SM count.
+    const int num_blocks = 2 * params.num_channels;
+    const bool is_narrow = params.num_x_bytes <= kNumMaxNarrowRowBytes && num_blocks <= kNumMaxNarrowBlocks &&
+                           params.num_ring_slots >= 3 && 3 * num_blocks <= kNumMaxRings;
+    bool is_launched = is_narrow && launch(std::integral_constant<int, 3>{});
+    if (!is_launched)
+        is_launched = launch(std::integral_constant<int, 2>{});
     HEP_CHECK(is_launched, "dispatch: a row of ", params.num_x_bytes, " bytes is too wide for shared memory (",
-              smem_limit, " bytes per block, ", kNumSenders, " senders)");
+              smem_limit, " bytes per block)");
     CUDA_CHECK(cudaGetLastError());
 }
 

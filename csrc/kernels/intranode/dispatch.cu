@@ -135,48 +135,135 @@ __device__ __forceinline__ RingLayout dispatch_rings(const DispatchParams& p, co
                       meta_layout.num_bytes()};
 }
 
+// Shared state of one sender: the issuer's counters, and the stages it shares with the filler.
+template <int kNumStages, int kPublishLag>
+struct SenderShared {
+    SenderState state;
+    SentHistory<kPublishLag + 1> history;
+    StageBarriers<kNumStages> stages;                // stage filled: metadata written, row loaded
+    StageBarriers<kNumStages> free_stages;           // stage free again: its stores have read it
+    int stage_rows[kNumStages][kNumMaxKernelRanks];  // receive row of a stage's token at each rank, or -1
+};
+
+// The tokens [begin, begin + count) of sender `sender_idx` of block `block_idx`: its contiguous part of the
+// block's half channel.
+template <int kNumSenders>
+__device__ __forceinline__ void sender_tokens(const DispatchParams& p, int block_idx, int sender_idx, int& begin,
+                                              int& count) {
+    int block_begin, block_end;
+    block_tokens(p, block_idx, block_begin, block_end);
+    const int per_sender = (block_end - block_begin + kNumSenders - 1) / kNumSenders;
+    begin = min(block_begin + sender_idx * per_sender, block_end);
+    count = min(begin + per_sender, block_end) - begin;
+}
+
+// Filler warp of sender `sender_idx`: writes every token's metadata into its stage, and this rank's own copy of it
+// straight into the outputs, then starts the load of the token's row (`stages_smem`: the sender's stages).
+template <int kNumSenders, int kNumStages, int kPublishLag>
+__device__ void run_filler(const DispatchParams& p, uint8_t* stages_smem, SenderShared<kNumStages, kPublishLag>& shared,
+                           int block_idx, int sender_idx) {
+    const int lane_idx = ptx::get_lane_idx();
+    const int rank = p.rank, num_ranks = p.num_ranks;
+    const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
+    const StageLayout stage_layout{p.num_x_bytes, meta_layout.num_bytes()};
+    int token_begin, num_block_tokens;
+    sender_tokens<kNumSenders>(p, block_idx, sender_idx, token_begin, num_block_tokens);
+    const auto stage_ptr = [&](int k) { return stages_smem + (k % kNumStages) * stage_layout.stride(); };
+    // The issuer initialises the barriers.
+    ptx::named_barrier_sync(Roles<kNumSenders>::kFirstSenderBarrier + sender_idx, 2 * kWarpSize);
+
+    // Every lane of the filler: writes the metadata of token k into its (free) stage and this rank's own copy of it
+    // straight into the outputs, then starts the load of the token's row; the stage's barrier completes once both
+    // are there.
+    const auto fill_stage = [&](int k, const TokenMeta& meta) {
+        const int token_idx = token_begin + k;
+        uint8_t* stage = stage_ptr(k);
+        uint8_t* stage_meta = stage + p.num_x_bytes;
+        if (lane_idx == 0)
+            *reinterpret_cast<int*>(stage_meta) = token_idx;
+        if (lane_idx < p.num_topk) {
+            reinterpret_cast<int64_t*>(stage_meta + meta_layout.topk_idx_offset())[lane_idx] = meta.expert_idx;
+            reinterpret_cast<float*>(stage_meta + meta_layout.weights_offset())[lane_idx] = meta.weight;
+        }
+        auto* stage_scales = reinterpret_cast<float*>(stage_meta + meta_layout.scales_offset());
+#pragma unroll
+        for (int i = 0; i < kNumScaleRegs; ++i)
+            if (lane_idx + i * kWarpSize < p.num_scales)
+                stage_scales[lane_idx + i * kWarpSize] = meta.scales[i];
+        for (int s = lane_idx + kNumScaleRegs * kWarpSize; s < p.num_scales; s += kWarpSize)
+            stage_scales[s] = p.x_scales[token_idx * p.scale_token_stride + s * p.scale_hidden_stride];
+        if (lane_idx < num_ranks)
+            shared.stage_rows[k % kNumStages][lane_idx] = meta.recv_row;
+
+        const int self_row = __shfl_sync(0xffffffff, meta.recv_row, rank);
+        if (self_row >= 0) {
+            if (p.recv_src_idx != nullptr && lane_idx == 0)
+                p.recv_src_idx[self_row] = token_idx;
+            if (lane_idx < p.num_topk && p.recv_topk_idx != nullptr) {
+                const int64_t first = static_cast<int64_t>(rank) * p.num_local_experts;
+                const bool is_local = meta.expert_idx >= first && meta.expert_idx < first + p.num_local_experts;
+                p.recv_topk_idx[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
+                    is_local ? meta.expert_idx - first : -1;
+                p.recv_topk_weights[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
+                    is_local ? meta.weight : 0.0f;
+            }
+            for (int s = lane_idx; s < p.num_scales; s += kWarpSize)
+                p.recv_scales[static_cast<int64_t>(self_row) * p.num_scales + s] = stage_scales[s];
+        }
+        // NOTES: the metadata written above is read by the issuer's bulk stores (async proxy) once it sees the
+        // stage's barrier complete, which lane 0's arrival (release) below orders after every lane's writes.
+        ptx::fence_proxy_async_shared();
+        __syncwarp();
+        if (lane_idx == 0)
+            shared.stages.load(k, ptx::smem_addr(stage),
+                               static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(token_idx) * p.num_x_bytes,
+                               p.num_x_bytes);
+    };
+
+    // NOTES: a warp of its own fills the stages, so the issuer's lane does nothing but issue bulk copies; as
+    // one warp, filling took about a fifth of the sender's time on 4 H200 GPUs. The metadata of the next token
+    // is always in flight. Token k reuses the stage of token k - kNumStages once the issuer frees it.
+    TokenMeta next_meta;
+    if (num_block_tokens > 0)
+        next_meta = load_token_meta(p, token_begin, lane_idx);
+    for (int k = 0; k < num_block_tokens; ++k) {
+        const TokenMeta meta = next_meta;
+        if (k + 1 < num_block_tokens)
+            next_meta = load_token_meta(p, token_begin + k + 1, lane_idx);
+        if (k >= kNumStages && lane_idx == 0)
+            shared.free_stages.wait(k - kNumStages, p.num_timeout_cycles, "dispatch (stage free)", rank);
+        __syncwarp();
+        fill_stage(k, meta);
+    }
+}
+
+// Issuer warp of sender `sender_idx`: its lane 0 stores each filled stage into the ring of every destination (or
+// straight into recv_x for this rank), frees the stage once the stores have read it, and publishes the tails.
 template <int kNumSenders, int kNumStages, int kNumPrefetch, int kPublishLag>
-__device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx, int sender_idx, bool is_filler) {
+__device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, SenderShared<kNumStages, kPublishLag>& shared,
+                           int block_idx, int sender_idx) {
     static_assert(kNumPrefetch >= 0 && kNumPrefetch + 1 < kNumStages, "prefetch depth must be below the stage count");
     constexpr int kNumReadPending = kNumStages - kNumPrefetch - 1;
-    constexpr int kHistoryDepth = kPublishLag + 1;
-    __shared__ SenderState states[kNumSenders];
-    __shared__ SentHistory<kHistoryDepth> histories[kNumSenders];
-    __shared__ StageBarriers<kNumStages> all_stages[kNumSenders];
-    __shared__ StageBarriers<kNumStages> all_free[kNumSenders];  // stage free again: its stores have read it
-    __shared__ int all_stage_rows[kNumSenders][kNumStages][kNumMaxKernelRanks];  // receive row of a stage's token
-    SenderState& state = states[sender_idx];
-    SentHistory<kHistoryDepth>& history = histories[sender_idx];
-    StageBarriers<kNumStages>& stages = all_stages[sender_idx];
-    StageBarriers<kNumStages>& free_stages = all_free[sender_idx];
-    auto& stage_rows = all_stage_rows[sender_idx];
-
+    SenderState& state = shared.state;
+    auto& history = shared.history;
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
     const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
     const StageLayout stage_layout{p.num_x_bytes, meta_layout.num_bytes()};
     const RingLayout rings = dispatch_rings<kNumSenders>(p, meta_layout);
     const int ring_idx = block_idx * kNumSenders + sender_idx;
-    smem += sender_idx * kNumStages * stage_layout.stride();
+    int token_begin, num_block_tokens;
+    sender_tokens<kNumSenders>(p, block_idx, sender_idx, token_begin, num_block_tokens);
+    const auto stage_ptr = [&](int k) { return stages_smem + (k % kNumStages) * stage_layout.stride(); };
 
-    // This sender's tokens: part sender_idx of the block's tokens.
-    int half_begin, half_end;
-    block_tokens(p, block_idx, half_begin, half_end);
-    const int tokens_per_sender = (half_end - half_begin + kNumSenders - 1) / kNumSenders;
-    const int token_begin = min(half_begin + sender_idx * tokens_per_sender, half_end);
-    const int num_block_tokens = min(token_begin + tokens_per_sender, half_end) - token_begin;
-
-    if (!is_filler) {
-        if (lane_idx < kNumMaxKernelRanks)
-            state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.start[lane_idx] = 0;
-        if (lane_idx == 0) {
-            stages.init();
-            free_stages.init();
-        }
+    if (lane_idx < kNumMaxKernelRanks)
+        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.start[lane_idx] = 0;
+    if (lane_idx == 0) {
+        shared.stages.init();
+        shared.free_stages.init();
     }
     ptx::named_barrier_sync(Roles<kNumSenders>::kFirstSenderBarrier + sender_idx, 2 * kWarpSize);
 
-    const auto stage_ptr = [&](int k) { return smem + (k % kNumStages) * stage_layout.stride(); };
     // Lane 0: makes tails up to `sent_after` visible at every peer (all bulk groups they count have completed).
     const auto publish = [&](const int* sent_after, bool is_last) {
         // NOTES: one system-scope fence orders every completed row, and the start rows written just before it,
@@ -200,78 +287,12 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
             state.published[d] = value;
         }
     };
-    // Every lane of the filler: writes the metadata of token k into its (free) stage and this rank's own copy of it
-    // straight into the outputs, then starts the load of the token's row; the stage's barrier completes once both
-    // are there.
-    const auto fill_stage = [&](int k, const TokenMeta& meta) {
-        const int token_idx = token_begin + k;
-        uint8_t* stage = stage_ptr(k);
-        uint8_t* stage_meta = stage + p.num_x_bytes;
-        if (lane_idx == 0)
-            *reinterpret_cast<int*>(stage_meta) = token_idx;
-        if (lane_idx < p.num_topk) {
-            reinterpret_cast<int64_t*>(stage_meta + meta_layout.topk_idx_offset())[lane_idx] = meta.expert_idx;
-            reinterpret_cast<float*>(stage_meta + meta_layout.weights_offset())[lane_idx] = meta.weight;
-        }
-        auto* stage_scales = reinterpret_cast<float*>(stage_meta + meta_layout.scales_offset());
-#pragma unroll
-        for (int i = 0; i < kNumScaleRegs; ++i)
-            if (lane_idx + i * kWarpSize < p.num_scales)
-                stage_scales[lane_idx + i * kWarpSize] = meta.scales[i];
-        for (int s = lane_idx + kNumScaleRegs * kWarpSize; s < p.num_scales; s += kWarpSize)
-            stage_scales[s] = p.x_scales[token_idx * p.scale_token_stride + s * p.scale_hidden_stride];
-        if (lane_idx < num_ranks)
-            stage_rows[k % kNumStages][lane_idx] = meta.recv_row;
-
-        const int self_row = __shfl_sync(0xffffffff, meta.recv_row, rank);
-        if (self_row >= 0) {
-            if (p.recv_src_idx != nullptr && lane_idx == 0)
-                p.recv_src_idx[self_row] = token_idx;
-            if (lane_idx < p.num_topk && p.recv_topk_idx != nullptr) {
-                const int64_t first = static_cast<int64_t>(rank) * p.num_local_experts;
-                const bool is_local = meta.expert_idx >= first && meta.expert_idx < first + p.num_local_experts;
-                p.recv_topk_idx[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
-                    is_local ? meta.expert_idx - first : -1;
-                p.recv_topk_weights[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
-                    is_local ? meta.weight : 0.0f;
-            }
-            for (int s = lane_idx; s < p.num_scales; s += kWarpSize)
-                p.recv_scales[static_cast<int64_t>(self_row) * p.num_scales + s] = stage_scales[s];
-        }
-        // NOTES: the metadata written above is read by the issuer's bulk stores (async proxy) once it sees the
-        // stage's barrier complete, which lane 0's arrival (release) below orders after every lane's writes.
-        ptx::fence_proxy_async_shared();
-        __syncwarp();
-        if (lane_idx == 0)
-            stages.load(k, ptx::smem_addr(stage),
-                        static_cast<const uint8_t*>(p.x) + static_cast<int64_t>(token_idx) * p.num_x_bytes,
-                        p.num_x_bytes);
-    };
-
-    if (is_filler) {
-        // NOTES: a warp of its own fills the stages, so the issuer's lane does nothing but issue bulk copies; as
-        // one warp, filling took about a fifth of the sender's time on 4 H200 GPUs. The metadata of the next token
-        // is always in flight. Token k reuses the stage of token k - kNumStages once the issuer frees it.
-        TokenMeta next_meta;
-        if (num_block_tokens > 0)
-            next_meta = load_token_meta(p, token_begin, lane_idx);
-        for (int k = 0; k < num_block_tokens; ++k) {
-            const TokenMeta meta = next_meta;
-            if (k + 1 < num_block_tokens)
-                next_meta = load_token_meta(p, token_begin + k + 1, lane_idx);
-            if (k >= kNumStages && lane_idx == 0)
-                free_stages.wait(k - kNumStages, p.num_timeout_cycles, "dispatch (stage free)", rank);
-            __syncwarp();
-            fill_stage(k, meta);
-        }
-        return;
-    }
 
     for (int k = 0; k < num_block_tokens; ++k) {
         if (lane_idx == 0) {
-            stages.wait(k, p.num_timeout_cycles, "dispatch", rank);
+            shared.stages.wait(k, p.num_timeout_cycles, "dispatch", rank);
             const uint32_t stage_addr = ptx::smem_addr(stage_ptr(k));
-            const int* rows = stage_rows[k % kNumStages];
+            const int* rows = shared.stage_rows[k % kNumStages];
             // Rotate the destinations so the blocks of a rank do not all hit the same peer at once.
             for (int i = 0; i < num_ranks; ++i) {
                 const int d = (rank + 1 + ring_idx + i) % num_ranks;
@@ -314,7 +335,7 @@ __device__ void run_sender(const DispatchParams& p, uint8_t* smem, int block_idx
             if (k - kNumReadPending + kNumStages < num_block_tokens) {
                 ptx::bulk_wait_group_read<kNumReadPending>();
                 if (k >= kNumReadPending)
-                    free_stages.arrive(k - kNumReadPending);
+                    shared.free_stages.arrive(k - kNumReadPending);
             }
         }
         __syncwarp();
@@ -499,10 +520,19 @@ template <int kNumSenders, int kNumStages, int kNumPrefetch, int kPublishLag>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp_idx = threadIdx.x / kWarpSize;
-    if (warp_idx < 2 * kNumSenders)
-        run_sender<kNumSenders, kNumStages, kNumPrefetch, kPublishLag>(params, smem, blockIdx.x, warp_idx / 2,
-                                                                       warp_idx % 2 == 1);
-    else
+    __shared__ SenderShared<kNumStages, kPublishLag> senders[kNumSenders];
+    if (warp_idx < 2 * kNumSenders) {
+        const int sender_idx = warp_idx / 2;
+        const DispatchMetaLayout meta_layout{params.num_topk, params.num_scales};
+        uint8_t* stages_smem =
+            smem + sender_idx * kNumStages * StageLayout{params.num_x_bytes, meta_layout.num_bytes()}.stride();
+        if (warp_idx % 2 == 0)
+            run_issuer<kNumSenders, kNumStages, kNumPrefetch, kPublishLag>(params, stages_smem, senders[sender_idx],
+                                                                           blockIdx.x, sender_idx);
+        else
+            run_filler<kNumSenders, kNumStages, kPublishLag>(params, stages_smem, senders[sender_idx], blockIdx.x,
+                                                             sender_idx);
+    } else
         run_receiver<kNumSenders>(params, blockIdx.x, warp_idx - 2 * kNumSenders);
 }
 

@@ -1,12 +1,13 @@
-// Launch helpers for kernel launchers: a typed launch geometry and small host-side arithmetic.
+// Launch helpers for kernel launchers: a typed launch geometry, small host-side arithmetic and the runtime-to-template
+// switch.
 // Preconditions: host code only; no torch headers.
-// NOTES: runtime-to-template switches (`HEP_SWITCH_*`, whose default branch throws and lists the supported
-// values) belong here too; the first one comes with the first kernel templated on a runtime value.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <string>
+#include <type_traits>
 
 #include "runtime/exception.hpp"
 
@@ -32,5 +33,45 @@ size_t static_shared_bytes(Kernel kernel) {
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
     return attributes.sharedSizeBytes;
 }
+
+namespace detail {
+
+// Returns: "a, b, c" for kValues a, b, c.
+template <int... kValues>
+std::string list_values() {
+    std::string list;
+    ((list += (list.empty() ? "" : ", ") + std::to_string(kValues)), ...);
+    return list;
+}
+
+// Calls f(std::integral_constant<int, V>{}) for the V of kValues equal to `value` and returns its result; throws
+// for any other value, naming `what` and listing kValues.
+template <int kFirst, int... kRest, typename F>
+auto switch_int(int value, const char* what, const F& f) {
+    using Result = decltype(f(std::integral_constant<int, kFirst>{}));
+    const auto fail = [&]() {
+        HEP_CHECK(false, what, " must be one of ", list_values<kFirst, kRest...>(), ", got ", value);
+    };
+    if constexpr (std::is_void_v<Result>) {
+        const bool is_matched = ((value == kFirst && (f(std::integral_constant<int, kFirst>{}), true)) || ... ||
+                                 (value == kRest && (f(std::integral_constant<int, kRest>{}), true)));
+        if (!is_matched)
+            fail();
+    } else {
+        Result result{};
+        const bool is_matched = ((value == kFirst && (result = f(std::integral_constant<int, kFirst>{}), true)) ||
+                                 ... || (value == kRest && (result = f(std::integral_constant<int, kRest>{}), true)));
+        if (!is_matched)
+            fail();
+        return result;
+    }
+}
+
+}  // namespace detail
+
+// Runtime-to-template switch: calls `f(std::integral_constant<int, V>{})` for the V among the listed values that
+// equals `value` and returns its result; any other value throws a HEPException naming `what` and the values.
+// Example: HEP_SWITCH_INT(max_ranks, "combine: rank bound", launch_ranks, 2, 4, 8).
+#define HEP_SWITCH_INT(value, what, f, ...) ::hybrid_ep::kernels::detail::switch_int<__VA_ARGS__>((value), (what), (f))
 
 }  // namespace hybrid_ep::kernels

@@ -41,12 +41,12 @@ namespace hybrid_ep::kernels {
 namespace {
 
 // NOTES: one issuing lane per block was the limit (reducers waited for tails about 60% of the time). Three senders
-// serve the three peers of a 4-rank domain one each. With them the reducers became the limit: 13 reducer warps
-// instead of 9 made combine 7-9% faster on 4 H200 GPUs at 8-16 SMs, although 16 warps leave 128 registers per
-// thread and the reducer spills a few hundred bytes.
+// serve the three peers of a 4-rank domain one each. With them the reducers became the limit: more reducer warps
+// made combine faster every time (9 -> 13 -> 16 at 4 ranks, see intranode_combine), the block's warp count being a
+// template parameter. Giving each sender a filler warp, as dispatch has, was slower (10 reducers: 996 against 1195
+// GB/s summed over 4 H200 GPUs at 16 SMs; with 17 reducers in 20 warps 1091 against 1312); storing two consecutive
+// rows for a peer with one bulk copy did not help either.
 constexpr int kNumSenders = 3;
-constexpr int kNumReduceWarps = 13;
-constexpr int kNumThreads = (kNumSenders + kNumReduceWarps) * kWarpSize;
 constexpr int kMaxBatchTokens = 32;
 
 // The unit split every rank agrees on.
@@ -294,7 +294,7 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
     }
 }
 
-template <int kMaxRanks>
+template <int kMaxRanks, int kNumReduceWarps, int kUnroll>
 __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int block_idx, int reduce_warp_idx) {
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
@@ -347,12 +347,10 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
             for (int i = reduce_warp_idx; i < num_batch; i += kNumReduceWarps) {
                 const int token_idx = batch_begin + i;
                 const int4* sources[kMaxRanks];
-                const uint8_t* metas[kMaxRanks];
                 int self_row = -1;
 #pragma unroll
                 for (int r = 0; r < kMaxRanks; ++r) {
                     sources[r] = nullptr;
-                    metas[r] = nullptr;
                     if (r >= num_ranks || !(masks[r] >> i & 1))
                         continue;
                     if (r == rank) {
@@ -362,15 +360,17 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                     } else {
                         const int slot = (consumed[r] + __popc(masks[r] & ((1u << i) - 1))) % p.num_ring_slots;
                         sources[r] = reinterpret_cast<const int4*>(rings.x(local, block_idx, r, slot));
-                        metas[r] = rings.meta(local, block_idx, r, slot);
                     }
                 }
+                // The metadata of rank r's copy, after its row in the slot.
+                const auto meta_of = [&](int r) {
+                    return reinterpret_cast<const uint8_t*>(sources[r]) + num_row_bytes;
+                };
                 const auto* bias_0 = reinterpret_cast<const int4*>(p.bias_0);
                 const auto* bias_1 = reinterpret_cast<const int4*>(p.bias_1);
                 auto* out = reinterpret_cast<int4*>(p.combined_x) + static_cast<int64_t>(token_idx) * num_vectors;
                 // NOTES: kUnroll vectors per lane, every rank's loads issued before the first add: the reduction
                 // is latency-bound otherwise. The adds keep the fixed order bias_0, bias_1, rank 0, 1, ...
-                constexpr int kUnroll = kMaxRanks <= 4 ? 4 : 2;
                 for (int j0 = lane_idx; j0 < num_vectors; j0 += kUnroll * kWarpSize) {
                     int4 values[kUnroll][kMaxRanks];
 #pragma unroll
@@ -411,16 +411,16 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                             continue;
                         acc += r == rank ? p.topk_weights[static_cast<int64_t>(self_row) * p.num_topk + lane_idx]
                                          : *reinterpret_cast<const volatile float*>(
-                                               metas[r] + meta_layout.weights_offset() + 4 * lane_idx);
+                                               meta_of(r) + meta_layout.weights_offset() + 4 * lane_idx);
                     }
                     p.combined_topk_weights[static_cast<int64_t>(token_idx) * p.num_topk + lane_idx] = acc;
                 }
                 if (lane_idx == 0) {
 #pragma unroll
                     for (int r = 0; r < kMaxRanks; ++r) {
-                        if (metas[r] == nullptr)
+                        if (r == rank || sources[r] == nullptr)
                             continue;
-                        const int src_idx = ptx::ld_cg(reinterpret_cast<const int*>(metas[r]));
+                        const int src_idx = ptx::ld_cg(reinterpret_cast<const int*>(meta_of(r)));
                         if (src_idx != token_idx) {
                             printf(
                                 "hybrid_ep combine: rank %d, block %d got the row of token %d from peer %d where "
@@ -450,8 +450,9 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
     }
 }
 
-template <int kMaxRanks, int kNumStages, int kNumPrefetch, int kPublishLag>
-__global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(const __grid_constant__ CombineParams params) {
+template <int kMaxRanks, int kNumStages, int kNumPrefetch, int kPublishLag, int kNumWarps, int kUnroll>
+__global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
+    combine_kernel(const __grid_constant__ CombineParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ UnitSplit split;
     // Every rank's token count, published by notify_combine in this call (tagged with the barrier epoch).
@@ -495,7 +496,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(const __grid_co
     if (warp_idx < kNumSenders)
         run_sender<kNumStages, kNumPrefetch, kPublishLag>(params, split, smem, blockIdx.x, warp_idx);
     else
-        run_reducer<kMaxRanks>(params, split, blockIdx.x, warp_idx - kNumSenders);
+        run_reducer<kMaxRanks, kNumWarps - kNumSenders, kUnroll>(params, split, blockIdx.x, warp_idx - kNumSenders);
 }
 
 }  // namespace
@@ -530,30 +531,42 @@ void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int sm
     check_combine(params, num_nvl_bytes, smem_limit);
     const CombineMetaLayout meta_layout{params.num_topk};
     const int stage_bytes = (params.hidden * 2 + meta_layout.num_bytes() + 127) / 128 * 128;
-    // Launches `kernel` if its stages fit in shared memory beside the kernel's static shared memory.
-    const auto try_launch = [&](auto kernel, int num_stages) {
+    // Launches `kernel` with `num_warps` warps if its stages fit in shared memory beside the kernel's static shared
+    // memory.
+    const auto try_launch = [&](auto kernel, int num_warps, int num_stages) {
         const size_t smem = static_cast<size_t>(kNumSenders) * num_stages * stage_bytes;
         if (smem + static_shared_bytes(kernel) > static_cast<size_t>(smem_limit))
             return false;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<params.num_blocks, kNumThreads, smem, stream>>>(params);
+        kernel<<<params.num_blocks, num_warps * kWarpSize, smem, stream>>>(params);
         return true;
     };
     // Each sender gets its own stages, as many as fit (check_combine guarantees two). NOTES: 5 stages for rows of
     // hidden 7168 were 3-5% slower than 4 on 4 H200 GPUs.
+    const auto launch_warps = [&](auto ranks_tag, auto warps_tag, auto unroll_tag) {
+        constexpr int kMaxRanks = decltype(ranks_tag)::value;
+        constexpr int kWarps = decltype(warps_tag)::value, kUnroll = decltype(unroll_tag)::value;
+        return try_launch(combine_kernel<kMaxRanks, 8, 3, 6, kWarps, kUnroll>, kWarps, 8) ||
+               try_launch(combine_kernel<kMaxRanks, 6, 2, 4, kWarps, kUnroll>, kWarps, 6) ||
+               try_launch(combine_kernel<kMaxRanks, 4, 1, 3, kWarps, kUnroll>, kWarps, 4) ||
+               try_launch(combine_kernel<kMaxRanks, 2, 0, 2, kWarps, kUnroll>, kWarps, 2);
+    };
+    // NOTES: the reducers' warp count is what moved combine on 4 H200 GPUs (GB/s summed over ranks at 8 / 16 / 24
+    // SMs): 16 reducers with 2 vectors per lane in flight (19 warps, 96 registers) gave 812 / 1320 / 1376 against
+    // 714 / 1215 / 1343 for 13 with 4 (16 warps). 15 reducers were slower than 13 (668 / 1131 / 1307: a 32-token
+    // batch takes a third round), 17 no faster than 16, 19 and 21 (80 registers, more spills) slower. With 2 ranks
+    // 17 reducers changed nothing, so 2 and 8 ranks keep 16 warps.
     const auto launch_ranks = [&](auto ranks_tag) {
         constexpr int kMaxRanks = decltype(ranks_tag)::value;
-        const bool is_launched =
-            try_launch(combine_kernel<kMaxRanks, 8, 3, 6>, 8) || try_launch(combine_kernel<kMaxRanks, 6, 2, 4>, 6) ||
-            try_launch(combine_kernel<kMaxRanks, 4, 1, 3>, 4) || try_launch(combine_kernel<kMaxRanks, 2, 0, 2>, 2);
-        HEP_CHECK(is_launched, "combine: a row of ", params.hidden * 2, " bytes is too wide for shared memory");
+        if constexpr (kMaxRanks == 4)
+            return launch_warps(ranks_tag, std::integral_constant<int, 19>{}, std::integral_constant<int, 2>{});
+        else
+            return launch_warps(ranks_tag, std::integral_constant<int, 16>{},
+                                std::integral_constant<int, kMaxRanks <= 2 ? 4 : 2>{});
     };
-    if (params.num_ranks <= 2)
-        launch_ranks(std::integral_constant<int, 2>{});
-    else if (params.num_ranks <= 4)
-        launch_ranks(std::integral_constant<int, 4>{});
-    else
-        launch_ranks(std::integral_constant<int, 8>{});
+    const int max_ranks = params.num_ranks <= 2 ? 2 : params.num_ranks <= 4 ? 4 : 8;
+    const bool is_launched = HEP_SWITCH_INT(max_ranks, "combine: the rank bound", launch_ranks, 2, 4, 8);
+    HEP_CHECK(is_launched, "combine: a row of ", params.hidden * 2, " bytes is too wide for shared memory");
     CUDA_CHECK(cudaGetLastError());
 }
 

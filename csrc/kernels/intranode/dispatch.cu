@@ -1,10 +1,11 @@
 // `intranode_dispatch`: moves rows over NVLink into per-(block, source) rings of the receivers, which copy them out.
 //
 // Grid: 2 blocks per channel; block b sends the tokens of one half of channel b / 2 (contiguous) and receives what
-// block b of every peer sends. Each block has kNumSenders senders (two warps each; 3 for rows of at most
-// kNumMaxNarrowRowBytes in grids of at most kNumMaxNarrowBlocks blocks, else 2) and 16 - 2 * kNumSenders receiver
-// warps; sender w of block b takes the w-th contiguous part of the block's tokens and owns ring r = b * kNumSenders + w
-// at every peer (the Config's ring slots are shared out among a block's senders):
+// block b of every peer sends. Each block has kNumWarps warps (28 for rows of at most kNumMaxNarrowRowBytes, else
+// 16): kNumSenders senders (two warps each; 3 for narrow rows in grids of at most kNumMaxNarrowBlocks blocks, else 2)
+// and kNumWarps - 2 * kNumSenders receiver warps; sender w of block b takes the w-th contiguous part of the block's
+// tokens and owns ring r = b * kNumSenders + w at every peer (the Config's ring slots are shared out among a block's
+// senders):
 //   * senders (warps 0..2 * kNumSenders - 1; sender w is the issuer 2w and the filler 2w + 1): each runs the
 //     bulk-copy pipeline of device/bulk_pipeline.cuh in its own part of shared memory. The filler writes token k's
 //     metadata (source index, top-k, weights, scales, loaded into registers one token ahead) into stage k %
@@ -43,20 +44,18 @@ namespace hybrid_ep::kernels {
 namespace {
 
 // NOTES: one issuing lane per block was the limit (receivers idled about 60% of the time). Two or three senders,
-// each an issuer and a filler warp, share the 16 warps with the receivers, which keeps 128 registers per thread.
-// Four senders (8 receiver warps) were slower for BF16 and FP8 rows alike, and so were 2 of 12 receiver warps
-// copying this rank's own rows in place of the issuer's bulk store (BF16 17% slower at 16 SMs): the receivers
-// limit wide rows more than their idle time suggests.
-constexpr int kNumWarps = 16;
-constexpr int kNumThreads = kNumWarps * kWarpSize;
+// each an issuer and a filler warp, share the block with the receivers. With 16 warps, four senders (8 receiver
+// warps) were slower for BF16 and FP8 rows alike, and so were 2 of 12 receiver warps copying this rank's own rows in
+// place of the issuer's bulk store (BF16 17% slower at 16 SMs). Storing two consecutive tokens' rows for a peer with
+// one bulk copy (half the stores, but fewer stages free for loads) was slower for BF16 (1421 against 1537 GB/s
+// summed over 4 H200 GPUs at 16 SMs) and for FP8 with three senders (1131 against 1265).
 
-// The warp roles of a block with kNumSenders senders.
+// Named barriers of a block with kNumSenders senders: sender w's issuer and filler warps use the last ones,
+// receiver groups 1..kNumMaxRecvGroups.
 template <int kNumSenders>
 struct Roles {
-    static constexpr int kNumRecvWarps = kNumWarps - 2 * kNumSenders;
-    // Named barrier of sender w's issuer and filler warps (receiver groups use 1..kNumRecvWarps).
-    static constexpr int kFirstSenderBarrier = 1 + kNumRecvWarps;
-    static_assert(kNumRecvWarps >= 1 && kFirstSenderBarrier + kNumSenders <= 16, "16 named barriers per block");
+    static constexpr int kFirstSenderBarrier = 16 - kNumSenders;
+    static constexpr int kNumMaxRecvGroups = kFirstSenderBarrier - 1;
 };
 constexpr int kDoneBit = 1 << 30;
 // Rows of at most this many bytes, in grids of at most this many blocks, get three senders per block, others two.
@@ -350,6 +349,7 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
 
 // Copies `count` ring rows [first, first + count) of ring (task.ring_idx, task.src_rank) out; this warp takes every
 // `num_warps`-th row from `warp_rank`.
+template <int kUnroll>
 __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const DispatchMetaLayout& meta_layout,
                          const RecvTask& task, int warp_rank, int num_warps) {
     const int lane_idx = ptx::get_lane_idx();
@@ -381,7 +381,6 @@ __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const
             if (lane_idx + i * kWarpSize < p.num_scales)
                 scales[i] = ptx::ld_cg_f32(reinterpret_cast<const float*>(meta + meta_layout.scales_offset()) +
                                            lane_idx + i * kWarpSize);
-        constexpr int kUnroll = 12;
         for (int base = 0; base < num_vectors; base += kUnroll * kWarpSize) {
             int4 v[kUnroll];
 #pragma unroll
@@ -411,9 +410,9 @@ __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const
     }
 }
 
-template <int kNumSenders>
+template <int kNumSenders, int kNumRecvWarps, int kUnroll>
 __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_warp_idx) {
-    constexpr int kNumRecvWarps = Roles<kNumSenders>::kNumRecvWarps;
+    static_assert(kNumRecvWarps >= 1, "at least one receiver warp");
     constexpr int kNumMaxRecvRings = kNumMaxKernelRanks * kNumSenders;
     __shared__ RecvTask tasks[kNumRecvWarps];
     __shared__ int consumed[kNumMaxRecvRings];
@@ -446,7 +445,7 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     if (num_recv_rings == 0)
         return;
     // Group g has warps [g * W / G, (g + 1) * W / G): every warp works, group sizes differ by at most one.
-    const int num_groups = min(num_recv_rings, kNumRecvWarps);
+    const int num_groups = min(num_recv_rings, min(kNumRecvWarps, Roles<kNumSenders>::kNumMaxRecvGroups));
     const auto first_warp = [&](int g) { return g * kNumRecvWarps / num_groups; };
     int group_idx = 0;
     while (first_warp(group_idx + 1) <= recv_warp_idx)
@@ -506,7 +505,7 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
         const RecvTask current = task;
         if (current.src_rank < 0)
             break;
-        copy_out(p, rings, meta_layout, current, warp_rank, warps_per_group);
+        copy_out<kUnroll>(p, rings, meta_layout, current, warp_rank, warps_per_group);
         ptx::named_barrier_sync(1 + group_idx, warps_per_group * kWarpSize);
         if (is_leader) {
             consumed[current_ring] += current.count;
@@ -516,8 +515,9 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     }
 }
 
-template <int kNumSenders, int kNumStages, int kNumPrefetch, int kPublishLag>
-__global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams params) {
+template <int kNumSenders, int kNumStages, int kNumPrefetch, int kPublishLag, int kNumWarps, int kRecvUnroll>
+__global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
+    dispatch_kernel(const __grid_constant__ DispatchParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp_idx = threadIdx.x / kWarpSize;
     __shared__ SenderShared<kNumStages, kPublishLag> senders[kNumSenders];
@@ -533,7 +533,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(const __grid_c
             run_filler<kNumSenders, kNumStages, kPublishLag>(params, stages_smem, senders[sender_idx], blockIdx.x,
                                                              sender_idx);
     } else
-        run_receiver<kNumSenders>(params, blockIdx.x, warp_idx - 2 * kNumSenders);
+        run_receiver<kNumSenders, kNumWarps - 2 * kNumSenders, kRecvUnroll>(params, blockIdx.x,
+                                                                            warp_idx - 2 * kNumSenders);
 }
 
 }  // namespace
@@ -557,7 +558,7 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
     const int stage_bytes = StageLayout{params.num_x_bytes, meta_layout.num_bytes()}.stride();
     // Launches `kernel` with kNumSenders senders if its stages fit in shared memory beside the kernel's static
     // shared memory.
-    const auto try_launch = [&](auto senders_tag, auto kernel, int num_stages) {
+    const auto try_launch = [&](auto senders_tag, auto kernel, int num_warps, int num_stages) {
         constexpr int kNumSenders = decltype(senders_tag)::value;
         const size_t smem = static_cast<size_t>(kNumSenders) * num_stages * stage_bytes;
         if (smem + static_shared_bytes(kernel) > static_cast<size_t>(smem_limit))
@@ -569,28 +570,40 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
                   "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, "
                   "num_ranks)");
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<2 * params.num_channels, kNumThreads, smem, stream>>>(params);
+        kernel<<<2 * params.num_channels, num_warps * kWarpSize, smem, stream>>>(params);
         return true;
     };
     // NOTES: the stage count, prefetch depth and publish lag changed little on 4 H200 GPUs (12 or 14 stages with
     // one sender, lag 8 to 40; 14 stages instead of 8 for FP8 rows of hidden 7168, 7 instead of 6 for BF16 ones);
     // the publish period (Config.num_max_nvl_chunked_send_tokens) did. Each sender gets its own stages; wider rows
     // get fewer.
-    const auto launch = [&](auto senders_tag) {
+    const auto launch_warps = [&](auto senders_tag, auto warps_tag, auto unroll_tag) {
         constexpr int kNumSenders = decltype(senders_tag)::value;
-        return try_launch(senders_tag, dispatch_kernel<kNumSenders, 8, 3, 6>, 8) ||
-               try_launch(senders_tag, dispatch_kernel<kNumSenders, 6, 2, 4>, 6) ||
-               try_launch(senders_tag, dispatch_kernel<kNumSenders, 4, 1, 3>, 4) ||
-               try_launch(senders_tag, dispatch_kernel<kNumSenders, 2, 0, 2>, 2);
+        constexpr int kWarps = decltype(warps_tag)::value, kUnroll = decltype(unroll_tag)::value;
+        return try_launch(senders_tag, dispatch_kernel<kNumSenders, 8, 3, 6, kWarps, kUnroll>, kWarps, 8) ||
+               try_launch(senders_tag, dispatch_kernel<kNumSenders, 6, 2, 4, kWarps, kUnroll>, kWarps, 6) ||
+               try_launch(senders_tag, dispatch_kernel<kNumSenders, 4, 1, 3, kWarps, kUnroll>, kWarps, 4) ||
+               try_launch(senders_tag, dispatch_kernel<kNumSenders, 2, 0, 2, kWarps, kUnroll>, kWarps, 2);
     };
     // NOTES: narrow rows (FP8 of hidden 7168) are limited by how fast the issuers issue, token by token: three
     // senders per block made FP8 dispatch 12-23% faster on 4 H200 GPUs at 8-16 SMs, but 6-9% slower at 20-24 SMs
-    // (60 or more senders in the grid) and BF16 rows of hidden 7168 slower at every SM count.
+    // (60 or more senders in the grid) and BF16 rows of hidden 7168 slower at every SM count. Narrow rows also
+    // gain from more receiver warps: with 28 warps per block (22 or 24 receivers, 8 vectors per lane in flight)
+    // FP8 dispatch reached 1355 against 1260 GB/s summed over the ranks at 16 SMs and 1337 against 1299 at 24
+    // (24 warps: 1329, 32: 1304); BF16 rows of hidden 7168 did not move (1508-1531 against 1526 at 16 SMs, 20 to
+    // 32 warps).
+    const bool is_narrow_row = params.num_x_bytes <= kNumMaxNarrowRowBytes;
+    const auto launch = [&](auto senders_tag) {
+        if (is_narrow_row)
+            return launch_warps(senders_tag, std::integral_constant<int, 28>{}, std::integral_constant<int, 8>{});
+        return launch_warps(senders_tag, std::integral_constant<int, 16>{}, std::integral_constant<int, 12>{});
+    };
+    static_assert(3 * kNumMaxNarrowBlocks <= kNumMaxRings, "three senders' rings per block must fit the layout");
     const int num_blocks = 2 * params.num_channels;
-    const bool is_narrow = params.num_x_bytes <= kNumMaxNarrowRowBytes && num_blocks <= kNumMaxNarrowBlocks &&
-                           params.num_ring_slots >= 3 && 3 * num_blocks <= kNumMaxRings;
-    bool is_launched = is_narrow && launch(std::integral_constant<int, 3>{});
-    if (!is_launched)
+    const int num_senders = is_narrow_row && num_blocks <= kNumMaxNarrowBlocks && params.num_ring_slots >= 3 ? 3 : 2;
+    bool is_launched = HEP_SWITCH_INT(num_senders, "dispatch: senders per block", launch, 2, 3);
+    // Three senders' stages may not fit in shared memory where two senders' do.
+    if (!is_launched && num_senders == 3)
         is_launched = launch(std::integral_constant<int, 2>{});
     HEP_CHECK(is_launched, "dispatch: a row of ", params.num_x_bytes, " bytes is too wide for shared memory (",
               smem_limit, " bytes per block)");

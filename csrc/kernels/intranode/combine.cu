@@ -44,7 +44,7 @@ namespace {
 // serve the three peers of a 4-rank domain one each. With them the reducers became the limit: more reducer warps
 // made combine faster every time (9 -> 13 -> 16 at 4 ranks, see intranode_combine), the block's warp count being a
 // template parameter. Giving each sender a filler warp, as dispatch has, was slower (10 reducers: 996 against 1195
-// GB/s summed over 4 H200 GPUs at 16 SMs; with 17 reducers in 20 warps 1091 against 1312); storing two consecutive
+// GB/s summed over 4 H200 GPUs at 16 SMs; with 17 reducers in 20 warps 1091 against 1310); storing two consecutive
 // rows for a peer with one bulk copy did not help either.
 constexpr int kNumSenders = 3;
 constexpr int kMaxBatchTokens = 32;

@@ -9,7 +9,7 @@ import torch
 import hybrid_ep
 
 from cases import Scenario, align, cpu, dispatch_routed, expected_combine, expected_for_rank, make_inputs, to_device
-from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
+from distributed import ProcessGroupInfo, gpu_counts, parallel_launch
 
 
 def make_buffer(pg: ProcessGroupInfo) -> hybrid_ep.Buffer:
@@ -217,7 +217,7 @@ def test_worst_tokens(world_size: int) -> None:
     parallel_launch(world_size, run_worst_tokens)
 
 
-@pytest.mark.parametrize("world_size", [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)])
+@pytest.mark.parametrize("world_size", gpu_counts(2, 4))
 def test_scenarios_nccl(world_size: int) -> None:
     parallel_launch(world_size, run_scenarios, backend="nccl")
 

@@ -23,7 +23,7 @@ import torch
 import hybrid_ep
 
 from cases import Inputs, Scenario, align, expected_dispatch, make_inputs, to_device
-from distributed import ProcessGroupInfo, parallel_launch, requires_gpus
+from distributed import ProcessGroupInfo, gpu_counts, parallel_launch, requires_gpus
 
 PADS = (1, 32)
 
@@ -583,7 +583,7 @@ def test_rejected_inputs_leave_the_buffer_usable() -> None:
     parallel_launch(2, run_rejections)
 
 
-@pytest.mark.parametrize("world_size", [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)])
+@pytest.mark.parametrize("world_size", gpu_counts(2, 4))
 def test_hybrid_ep_buffer_nccl(world_size: int) -> None:
     parallel_launch(world_size, run_checks, backend="nccl")
 
@@ -598,6 +598,6 @@ def test_non_blocking_makes_no_host_sync() -> None:
     parallel_launch(2, run_no_host_sync, backend="nccl")
 
 
-@pytest.mark.parametrize("world_size", [pytest.param(n, marks=requires_gpus(n)) for n in (2, 4)])
+@pytest.mark.parametrize("world_size", gpu_counts(2, 4))
 def test_graph_replay_of_permuted_step(world_size: int) -> None:
     parallel_launch(world_size, run_graph_replay, 20, backend="nccl")

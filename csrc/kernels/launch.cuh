@@ -7,7 +7,7 @@
 
 #include <cstddef>
 #include <string>
-#include <type_traits>
+#include <type_traits>  // std::integral_constant
 
 #include "runtime/exception.hpp"
 
@@ -44,27 +44,15 @@ std::string list_values() {
     return list;
 }
 
-// Calls f(std::integral_constant<int, V>{}) for the V of kValues equal to `value` and returns its result; throws
-// for any other value, naming `what` and listing kValues.
+// Calls f(std::integral_constant<int, V>{}) for the V of kFirst, kRest... equal to `value` and returns its result
+// (f returns a value, e.g. whether it launched); throws for any other value, naming `what` and listing the values.
 template <int kFirst, int... kRest, typename F>
 auto switch_int(int value, const char* what, const F& f) {
-    using Result = decltype(f(std::integral_constant<int, kFirst>{}));
-    const auto fail = [&]() {
-        HEP_CHECK(false, what, " must be one of ", list_values<kFirst, kRest...>(), ", got ", value);
-    };
-    if constexpr (std::is_void_v<Result>) {
-        const bool is_matched = ((value == kFirst && (f(std::integral_constant<int, kFirst>{}), true)) || ... ||
-                                 (value == kRest && (f(std::integral_constant<int, kRest>{}), true)));
-        if (!is_matched)
-            fail();
-    } else {
-        Result result{};
-        const bool is_matched = ((value == kFirst && (result = f(std::integral_constant<int, kFirst>{}), true)) ||
-                                 ... || (value == kRest && (result = f(std::integral_constant<int, kRest>{}), true)));
-        if (!is_matched)
-            fail();
-        return result;
-    }
+    decltype(f(std::integral_constant<int, kFirst>{})) result{};
+    const bool is_matched = ((value == kFirst && (result = f(std::integral_constant<int, kFirst>{}), true)) || ... ||
+                             (value == kRest && (result = f(std::integral_constant<int, kRest>{}), true)));
+    HEP_CHECK(is_matched, what, " must be one of ", list_values<kFirst, kRest...>(), ", got ", value);
+    return result;
 }
 
 }  // namespace detail

@@ -220,6 +220,10 @@ def sweep_cases(num_ranks: int, small: bool = False) -> list[Case]:
     )
     add("ring_wrap", (4096, 127, 1, 4096), 2048, 8, 4, "holes", SMALL_RINGS, expert_alignment=4)
     add("ring_wrap_fp8_hot", (4096, 1, 4096, 127), 7168, 64, 8, "skewed", SMALL_RINGS, Config(8, 2, 8), fp8=True)
+    # Combine rings of 2 and 5 slots: with one peer they split into sub-rings of 1 slot (2 rows per batch), and of 1
+    # slot and 2 (5 slots over 3 senders, one left over).
+    add("combine_two_slot_rings", (4096, 127), 2048, 8, 4, "holes", Config(8, 8, 256), Config(8, 1, 2), num_biases=1)
+    add("combine_five_slot_rings", (127, 4096), 4096, 8, 6, "skewed", Config(4, 8, 256), Config(6, 2, 5))
     add("one_channel", (4096, 1, 127, 0), 4096, 8, 3, "holes", Config(2, 8, 256), worst=True, num_biases=2)
     add("one_channel_small_rings_fp8", (127, 8192), 2048, 64, 5, "uniform", Config(2, 4, 16), fp8=True)
     add("one_expert_per_rank_top1", (4096,), 2048, 1, 1, "uniform", Config(16, 8, 256))

@@ -5,22 +5,26 @@
 // Work units: the tokens of channel c of rank s (the dispatch's channels, T_s = ceil(N_s / C) tokens) are cut into
 // P contiguous sub-ranges; unit u = c * P + q is served by block u % num_blocks, units in ascending order. P is the
 // same everywhere (it depends on every rank's token count, published by notify_combine) and makes a unit's rows
-// from one rank fit one ring, which keeps the rings deadlock-free: a sender never waits on a ring for rows of the
+// from one rank fit its rings, which keeps the rings deadlock-free: a sender never waits on a ring for rows of the
 // unit it is sending, only for the previous unit's rows, which every reducer can finish.
+// Rings: block b has M rings ("sub-rings") per source, which share the Config's slots: M = 1 from 3 ranks on, M =
+// kNumSenders with one peer. Row t of the block's stream from a source (t counts over its units) is row t / M of
+// sub-ring t % M, so the M senders of one peer each write one sub-ring and the reducers still read in stream order.
 // Each block has kNumSenders sender warps and kNumReduceWarps reducer warps:
-//   * senders (warps 0..kNumSenders-1): the peers are shared out among them (sender w takes runs w, w + kNumSenders,
-//     ...), so each ring still has one writer and each sender issues from its own lane, shared memory and bulk
-//     groups. For each unit, the rows this rank holds for each peer s are a contiguous range (found by
-//     binary search in recv_src_idx inside the dispatch's channel range); a sender interleaves the rows of its peers
-//     (one per peer in turn) so every peer's reducers advance together, and lane 0 runs the bulk-copy pipeline of
-//     device/bulk_pipeline.cuh (global -> shared -> ring of s in block b) with the source token and the weights as
-//     metadata, publishing tails (one system-scope fence, relaxed stores) every num_chunk_tokens rows for the rows
-//     kPublishLag back, and at the end of each unit. Slots are reused after the reducer's head passed them
-//     (bounded wait).
+//   * senders (warps 0..kNumSenders-1): with M = 1 the peers are shared out among them (sender w takes runs w, w +
+//     kNumSenders, ...); with M > 1 sender w takes sub-ring w / (R - 1) of peer w % (R - 1). So each ring still has
+//     one writer and each sender issues from its own lane, shared memory and bulk groups. For each unit, the rows this
+//     rank holds for each peer s are a contiguous range (found by binary search in recv_src_idx inside the dispatch's
+//     channel range); a sender interleaves the rows of its peers (one per peer in turn) so every peer's reducers
+//     advance together, and lane 0 runs the bulk-copy pipeline of device/bulk_pipeline.cuh (global -> shared -> ring of
+//     s in block b) with the source token and the weights as metadata, publishing tails (one system-scope fence,
+//     relaxed stores) every num_chunk_tokens rows for the rows kPublishLag back, and at the end of each unit. Slots are
+//     reused after the reducer's head passed them (bounded wait).
 //   * reducers (warps kNumSenders..): batches of up to 32 tokens of the unit; every warp reads the routing of the
-//     batch, waits (bounded) until each peer's tail covers the batch, then takes every kNumReduceWarps-th token and
-//     sums bias_0, bias_1 and the copies from ranks 0..R-1 (this rank's own copy read from x directly); then the
-//     leader releases the heads into the peers' buffers.
+//     batch and takes every kNumReduceWarps-th token: it waits (bounded) until the tail of the sub-ring holding
+//     each peer's row of that token covers it, then sums bias_0, bias_1 and the copies from ranks 0..R-1 (this rank's
+//     own copy read from x directly). Once every warp is done with the batch, the leader releases the heads into the
+//     peers' buffers.
 // Counters start every call at zero: notify_combine zeroes this rank's own after its barrier, before the peers
 // may see its epoch.
 // Preconditions: notify_combine ran just before on this stream; the handle comes from a dispatch of this Buffer.
@@ -49,11 +53,26 @@ namespace {
 constexpr int kNumSenders = 3;
 constexpr int kMaxBatchTokens = 32;
 
+// Most sub-rings per (block, source) for a kernel built for at most `max_ranks` ranks: one peer (2 ranks) gets one
+// per sender; from 3 ranks on there are at least two peers, so at most one sender each with 3 senders.
+// NOTES: with one peer, its one sender per block was the limit; three sub-rings made combine on 2 H200 GPUs 1.23x /
+// 1.11x / 1.09x faster at 8 / 16 / 24 SMs (320.7 / 548.6 / 760.4 against 261.1 / 493.2 / 695.1 GB/s summed).
+__host__ __device__ constexpr int max_sub_rings(int max_ranks) {
+    return max_ranks <= 2 ? kNumSenders : 1;
+}
+
 // The unit split every rank agrees on.
 struct UnitSplit {
     int num_tokens[kNumMaxKernelRanks];  // token count of each rank
     int num_parts;                       // P: sub-ranges per channel
     int num_units;                       // num_channels * P
+    int num_subs;                        // M: sub-rings per (block, source)
+    int num_sub_slots;                   // slots of each sub-ring
+
+    // The rings of the call: M per block and source, each with num_sub_slots of the Config's slots.
+    __device__ RingLayout rings(const CombineParams& p, int num_meta_bytes) const {
+        return RingLayout{p.num_ranks, p.num_blocks * num_subs, num_sub_slots, p.hidden * 2, num_meta_bytes};
+    }
 
     // Tokens [begin, end) of unit `unit_idx` at rank `rank_idx`.
     __device__ void tokens(int unit_idx, int rank_idx, int num_channels, int& begin, int& end) const {
@@ -68,12 +87,13 @@ struct UnitSplit {
 };
 
 struct SenderState {
+    int run_before[kNumMaxKernelRanks];  // rows to the destination of run i in this block's earlier units
     int sent[kNumMaxKernelRanks];
     int head_seen[kNumMaxKernelRanks];
     int published[kNumMaxKernelRanks];
     int run_rank[kNumMaxKernelRanks];   // destination of run i of the unit
-    int run_first[kNumMaxKernelRanks];  // its first row in x
-    int run_count[kNumMaxKernelRanks];  // its rows
+    int run_first[kNumMaxKernelRanks];  // its first row (of this sender's sub-ring) in x
+    int run_count[kNumMaxKernelRanks];  // its rows (of this sender's sub-ring); they are M rows apart in x
     int run_pos[kNumMaxKernelRanks];    // rows of it already taken
 };
 
@@ -139,15 +159,21 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
     const int rank = p.rank, num_ranks = p.num_ranks, num_channels = p.num_channels;
     const int num_row_bytes = p.hidden * 2;
     const CombineMetaLayout meta_layout{p.num_topk};
-    const RingLayout rings{num_ranks, p.num_blocks, p.num_ring_slots, num_row_bytes, meta_layout.num_bytes()};
+    const RingLayout rings = split.rings(p, meta_layout.num_bytes());
     const int stage_stride = (num_row_bytes + meta_layout.num_bytes() + 127) / 128 * 128;
     const int num_runs = num_ranks - 1;
-    // This sender's runs: w, w + kNumSenders, ... of the unit's num_runs (one per peer).
-    const int num_my_runs = sender_idx < num_runs ? (num_runs - sender_idx + kNumSenders - 1) / kNumSenders : 0;
+    const int num_subs = split.num_subs;
+    // This sender's runs: with one sub-ring per peer, w, w + kNumSenders, ... of the unit's num_runs (one per
+    // peer); with M > 1, run w % num_runs, sub-ring w / num_runs (senders past M * num_runs idle).
+    const int num_my_runs = num_subs == 1
+                                ? (sender_idx < num_runs ? (num_runs - sender_idx + kNumSenders - 1) / kNumSenders : 0)
+                                : (sender_idx < num_subs * num_runs ? 1 : 0);
+    const int my_sub = num_subs == 1 ? 0 : sender_idx / max(num_runs, 1);
+    const int ring_idx = block_idx * num_subs + my_sub;
     smem += sender_idx * kNumStages * stage_stride;
 
     if (lane_idx < kNumMaxKernelRanks)
-        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = 0;
+        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.run_before[lane_idx] = 0;
     if (lane_idx == 0)
         stages.init();
     __syncwarp();
@@ -162,7 +188,7 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                     ptx::fence_acq_rel_sys();
                     is_fenced = true;
                 }
-                ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], block_idx, rank), sent_after[d]);
+                ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], ring_idx, rank), sent_after[d]);
                 state.published[d] = sent_after[d];
             }
         }
@@ -175,7 +201,7 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
         // rank start on different peers) and its contiguous run of rows for this unit.
         int run_count = 0;
         if (lane_idx < num_my_runs) {
-            const int i = sender_idx + lane_idx * kNumSenders;
+            const int i = num_subs == 1 ? sender_idx + lane_idx * kNumSenders : sender_idx % num_runs;
             const int s = (rank + 1 + (block_idx + i) % num_runs) % num_ranks;
             const int rows_begin = p.recv_channel_prefix_matrix[s * num_channels + channel];
             const int rows_end = channel + 1 < num_channels
@@ -184,11 +210,17 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
             int token_begin, token_end;
             split.tokens(unit_idx, s, num_channels, token_begin, token_end);
             const int run_first = lower_bound(p.recv_src_idx, rows_begin, rows_end, token_begin);
-            run_count = lower_bound(p.recv_src_idx, run_first, rows_end, token_end) - run_first;
+            const int num_rows = lower_bound(p.recv_src_idx, run_first, rows_end, token_end) - run_first;
+            // Row j of the run has position before + j in the block's stream to s, and goes to sub-ring
+            // (before + j) % M: this sender's rows are those of its sub-ring.
+            const int before = state.run_before[lane_idx];
+            const auto num_below = [&](int position) { return (position + num_subs - 1 - my_sub) / num_subs; };
+            run_count = num_below(before + num_rows) - num_below(before);
             state.run_rank[lane_idx] = s;
-            state.run_first[lane_idx] = run_first;
+            state.run_first[lane_idx] = run_first + num_below(before) * num_subs + my_sub - before;
             state.run_count[lane_idx] = run_count;
             state.run_pos[lane_idx] = 0;
+            state.run_before[lane_idx] = before + num_rows;
         }
         int num_items = run_count;
         for (int offset = 1; offset < kWarpSize; offset *= 2)
@@ -211,7 +243,7 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
             run = __shfl_sync(0xffffffff, run, 0);
             pos = __shfl_sync(0xffffffff, pos, 0);
             dst_rank = state.run_rank[run];
-            row = state.run_first[run] + pos;
+            row = state.run_first[run] + pos * num_subs;
         };
         const auto stage_ptr = [&](int k) { return smem + ((num_items_before + k) % kNumStages) * stage_stride; };
         // The next item and its metadata, in registers while the loads are in flight.
@@ -254,18 +286,18 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                 stages.wait(item_idx, p.num_timeout_cycles, "combine", rank);
                 const int dst_rank = stage_dst[item_idx % kNumStages];
                 const int sent = state.sent[dst_rank];
-                if (sent - state.head_seen[dst_rank] >= p.num_ring_slots) {
-                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], block_idx, dst_rank), sent,
-                                   p.num_ring_slots, state.head_seen[dst_rank], p.num_timeout_cycles, "combine", rank,
+                if (sent - state.head_seen[dst_rank] >= rings.num_slots) {
+                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], ring_idx, dst_rank), sent,
+                                   rings.num_slots, state.head_seen[dst_rank], p.num_timeout_cycles, "combine", rank,
                                    sender_idx, dst_rank, [&]() {
                                        ptx::bulk_wait_group<0>();
                                        publish(state.sent);
                                    });
                 }
-                const int slot = sent % p.num_ring_slots;
+                const int slot = sent % rings.num_slots;
                 const uint32_t stage_addr = ptx::smem_addr(stage_ptr(k));
                 // The row and its metadata, contiguous in the stage and in the slot.
-                ptx::tma_store_1d(rings.x(p.buffer_ptrs[dst_rank], block_idx, rank, slot), stage_addr,
+                ptx::tma_store_1d(rings.x(p.buffer_ptrs[dst_rank], ring_idx, rank, slot), stage_addr,
                                   num_row_bytes + meta_layout.num_bytes());
                 state.sent[dst_rank] = sent + 1;
                 ptx::bulk_commit_group();
@@ -296,19 +328,42 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
 
 template <int kMaxRanks, int kNumReduceWarps, int kUnroll>
 __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int block_idx, int reduce_warp_idx) {
+    constexpr int kMaxSubs = max_sub_rings(kMaxRanks);
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
     const int num_row_bytes = p.hidden * 2;
     const CombineMetaLayout meta_layout{p.num_topk};
-    const RingLayout rings{num_ranks, p.num_blocks, p.num_ring_slots, num_row_bytes, meta_layout.num_bytes()};
+    const RingLayout rings = split.rings(p, meta_layout.num_bytes());
+    const int num_subs = kMaxSubs == 1 ? 1 : split.num_subs;
     void* local = p.buffer_ptrs[rank];
     const int num_vectors = p.hidden / 8;
-    const int batch_limit = min(kMaxBatchTokens, p.num_ring_slots);
+    // NOTES: a batch's rows from one peer must fit its sub-rings at once (slots are freed per batch).
+    const int batch_limit = min(kMaxBatchTokens, num_subs * rings.num_slots);
 
-    int consumed[kMaxRanks];
+    // Rows of each peer consumed (its stream position), and the tail last seen of each of its sub-rings.
+    int consumed[kMaxRanks], tail_seen[kMaxRanks][kMaxSubs];
 #pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r)
+    for (int r = 0; r < kMaxRanks; ++r) {
         consumed[r] = 0;
+#pragma unroll
+        for (int q = 0; q < kMaxSubs; ++q)
+            tail_seen[r][q] = 0;
+    }
+    // Waits (bounded) until the tail of sub-ring q of peer r covers `expected` rows. Returns: the tail observed.
+    const auto wait_tail = [&](int r, int q, int expected) {
+        const int* tail_ptr = NvlBufferLayout::tail(local, block_idx * num_subs + q, r);
+        int observed = 0;
+        timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
+            observed = ptx::ld_acquire_sys(tail_ptr);
+            if (observed < expected && is_last_check)
+                printf(
+                    "hybrid_ep combine timeout: rank %d, block %d waits for rows from peer %d (sub-ring %d): "
+                    "expected tail >= %d, observed %d\n",
+                    rank, block_idx, r, q, expected, observed);
+            return observed < expected;
+        });
+        return observed;
+    };
 
     for (int unit_idx = block_idx; unit_idx < split.num_units; unit_idx += p.num_blocks) {
         int token_begin, token_end;
@@ -323,29 +378,25 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                 masks[r] =
                     __ballot_sync(0xffffffff, r < num_ranks && is_valid &&
                                                   p.is_token_in_rank[static_cast<int64_t>(my_token) * num_ranks + r]);
-            // Wait until every peer's rows of the batch are in its ring.
-            if (lane_idx == 0) {
-#pragma unroll
-                for (int r = 0; r < kMaxRanks; ++r) {
-                    if (r >= num_ranks || r == rank || masks[r] == 0)
-                        continue;
-                    const int expected = consumed[r] + __popc(masks[r]);
-                    const int* tail_ptr = NvlBufferLayout::tail(local, block_idx, r);
-                    timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
-                        const int observed = ptx::ld_acquire_sys(tail_ptr);
-                        if (observed < expected && is_last_check)
-                            printf(
-                                "hybrid_ep combine timeout: rank %d, block %d waits for rows from peer %d: "
-                                "expected tail >= %d, observed %d\n",
-                                rank, block_idx, r, expected, observed);
-                        return observed < expected;
-                    });
-                }
-            }
-            __syncwarp();
-
             for (int i = reduce_warp_idx; i < num_batch; i += kNumReduceWarps) {
                 const int token_idx = batch_begin + i;
+                // NOTES: a warp waits for its own token's rows only, not the whole batch's, so reducing overlaps the
+                // batch's arrival: +5% combine at 16 SMs on 2 H200 GPUs (490.8 against 466.8 GB/s summed).
+                if (lane_idx == 0) {
+#pragma unroll
+                    for (int r = 0; r < kMaxRanks; ++r) {
+                        if (r >= num_ranks || r == rank || !(masks[r] >> i & 1))
+                            continue;
+                        // Stream position t: row t / M of sub-ring t % M.
+                        const int t = consumed[r] + __popc(masks[r] & ((1u << i) - 1u));
+                        const int q = t % num_subs, expected = t / num_subs + 1;
+#pragma unroll
+                        for (int qq = 0; qq < kMaxSubs; ++qq)
+                            if (qq == q && tail_seen[r][qq] < expected)
+                                tail_seen[r][qq] = wait_tail(r, q, expected);
+                    }
+                }
+                __syncwarp();
                 const int4* sources[kMaxRanks];
                 int self_row = -1;
 #pragma unroll
@@ -358,8 +409,9 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                         sources[r] = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
                                                                    static_cast<int64_t>(self_row) * num_row_bytes);
                     } else {
-                        const int slot = (consumed[r] + __popc(masks[r] & ((1u << i) - 1))) % p.num_ring_slots;
-                        sources[r] = reinterpret_cast<const int4*>(rings.x(local, block_idx, r, slot));
+                        const int t = consumed[r] + __popc(masks[r] & ((1u << i) - 1u));
+                        sources[r] = reinterpret_cast<const int4*>(
+                            rings.x(local, block_idx * num_subs + t % num_subs, r, t / num_subs % rings.num_slots));
                     }
                 }
                 // The metadata of rank r's copy, after its row in the slot.
@@ -443,8 +495,11 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                 if (r >= num_ranks || r == rank || masks[r] == 0)
                     continue;
                 consumed[r] += __popc(masks[r]);
+                // Sub-ring q has consumed the stream positions below consumed[r] that are q modulo M.
                 if (reduce_warp_idx == 0 && lane_idx == 0)
-                    ptx::st_relaxed_sys(NvlBufferLayout::head(p.buffer_ptrs[r], block_idx, rank), consumed[r]);
+                    for (int q = 0; q < num_subs; ++q)
+                        ptx::st_relaxed_sys(NvlBufferLayout::head(p.buffer_ptrs[r], block_idx * num_subs + q, rank),
+                                            (consumed[r] + num_subs - 1 - q) / num_subs);
             }
         }
     }
@@ -476,8 +531,18 @@ __global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
         for (int r = 0; r < params.num_ranks; ++r)
             max_per_channel =
                 max(max_per_channel, (split.num_tokens[r] + params.num_channels - 1) / params.num_channels);
+        // M sub-rings per (block, source) where there are fewer peers than senders, so every sender works: sender
+        // w of a block serves sub-ring w / (R - 1) of peer w % (R - 1), which shares out the Config's slots.
+        const int num_peers = params.num_ranks - 1;
+        int num_subs = num_peers >= 1 && num_peers < kNumSenders ? kNumSenders / num_peers : 1;
+        num_subs = min(min(num_subs, max_sub_rings(kMaxRanks)), params.num_ring_slots);
+        num_subs = max(min(num_subs, kNumMaxRings / params.num_blocks), 1);
+        split.num_subs = num_subs;
+        split.num_sub_slots = params.num_ring_slots / num_subs;
+        // A unit's rows from one rank must fit its M sub-rings at once.
+        const int num_unit_slots = num_subs * split.num_sub_slots;
         const int for_blocks = (params.num_blocks + params.num_channels - 1) / params.num_channels;
-        const int for_rings = (max_per_channel + params.num_ring_slots - 1) / params.num_ring_slots;
+        const int for_rings = (max_per_channel + num_unit_slots - 1) / num_unit_slots;
         // NOTES: the smallest P that also gives every block as many units (C * P a multiple of the block count),
         // when one exists within twice the bound: 12 blocks with 18 units ran at the pace of the blocks with two.
         int num_parts = max(max(for_blocks, for_rings), 1);
@@ -555,14 +620,16 @@ void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int sm
     // SMs): 16 reducers with 2 vectors per lane in flight (19 warps, 96 registers) gave 812 / 1320 / 1376 against
     // 714 / 1215 / 1343 for 13 with 4 (16 warps). 15 reducers were slower than 13 (668 / 1131 / 1307: a 32-token
     // batch takes a third round), 17 no faster than 16, 19 and 21 (80 registers, more spills) slower. With 2 ranks
-    // 17 reducers changed nothing, so 2 and 8 ranks keep 16 warps.
+    // (sub-rings) 16 reducers with 4 vectors gave 344.9 / 579.2 / 783.2 against 319.5 / 546.3 / 747.4 for 13 and
+    // 331.1 / 559.0 / 754.6 with 2 vectors; 19 with 2 were slower (317.7 / 536.9 / 737.0). 8 ranks keep 16 warps.
     const auto launch_ranks = [&](auto ranks_tag) {
         constexpr int kMaxRanks = decltype(ranks_tag)::value;
-        if constexpr (kMaxRanks == 4)
+        if constexpr (kMaxRanks == 2)
+            return launch_warps(ranks_tag, std::integral_constant<int, 19>{}, std::integral_constant<int, 4>{});
+        else if constexpr (kMaxRanks == 4)
             return launch_warps(ranks_tag, std::integral_constant<int, 19>{}, std::integral_constant<int, 2>{});
         else
-            return launch_warps(ranks_tag, std::integral_constant<int, 16>{},
-                                std::integral_constant<int, kMaxRanks <= 2 ? 4 : 2>{});
+            return launch_warps(ranks_tag, std::integral_constant<int, 16>{}, std::integral_constant<int, 2>{});
     };
     const int max_ranks = params.num_ranks <= 2 ? 2 : params.num_ranks <= 4 ? 4 : 8;
     const bool is_launched = HEP_SWITCH_INT(max_ranks, "combine: the rank bound", launch_ranks, 2, 4, 8);

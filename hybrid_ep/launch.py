@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
-import socket
 import time
 from typing import Any, Callable, Optional
 
@@ -62,10 +60,18 @@ def pick_backend(backend: str, num_ranks: int) -> str:
     return backend
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_store(num_ranks: int, timeout_s: float) -> dist.TCPStore:
+    """Returns: a TCP store served by this process on a port the OS picks, for the ranks to meet through."""
+    # NOTES: picking a free port and letting rank 0 bind it later raced with other sockets (EADDRINUSE on a busy
+    # host); a port the launcher already holds cannot be taken in between.
+    return dist.TCPStore(
+        "127.0.0.1",
+        0,
+        num_ranks + 1,
+        True,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
 
 
 def _worker(
@@ -78,8 +84,6 @@ def _worker(
     fn: Callable,
     args: tuple,
 ) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     if num_threads is None and backend == "gloo":
         # NOTES: one thread per rank, so N gloo ranks do not fight over the cores.
         num_threads = 1
@@ -90,8 +94,12 @@ def _worker(
         device = torch.device("cuda", rank)
     else:
         device = torch.device("cpu")
+    store = dist.TCPStore(
+        "127.0.0.1", port, world_size + 1, False, timeout=datetime.timedelta(seconds=collective_timeout_s)
+    )
     dist.init_process_group(
         backend,
+        store=store,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=collective_timeout_s),
@@ -124,9 +132,10 @@ def parallel_launch(
     """
     if num_ranks < 1:
         raise ValueError(f"num_ranks={num_ranks} must be >= 1")
+    store = _rendezvous_store(num_ranks, collective_timeout_s)
     context = mp.start_processes(
         _worker,
-        args=(num_ranks, _free_port(), backend, collective_timeout_s, num_threads, fn, args),
+        args=(num_ranks, store.port, backend, collective_timeout_s, num_threads, fn, args),
         nprocs=num_ranks,
         join=False,
         start_method="spawn",

@@ -66,9 +66,9 @@ def _rendezvous_store(num_ranks: int, timeout_s: float) -> dist.TCPStore:
     # host); a port the launcher already holds cannot be taken in between.
     return dist.TCPStore(
         "127.0.0.1",
-        0,
-        num_ranks + 1,
-        True,
+        port=0,
+        world_size=num_ranks + 1,
+        is_master=True,
         timeout=datetime.timedelta(seconds=timeout_s),
         wait_for_workers=False,
     )
@@ -94,8 +94,13 @@ def _worker(
         device = torch.device("cuda", rank)
     else:
         device = torch.device("cpu")
+    # The launcher serves the store; this rank joins it as a client.
     store = dist.TCPStore(
-        "127.0.0.1", port, world_size + 1, False, timeout=datetime.timedelta(seconds=collective_timeout_s)
+        "127.0.0.1",
+        port=port,
+        world_size=world_size + 1,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=collective_timeout_s),
     )
     dist.init_process_group(
         backend,

@@ -97,9 +97,9 @@ class Config:
         _check_positive_int("num_ranks", num_ranks)
         # The kernels' layout (csrc/device/layout.cuh, ring_bytes_hint): one ring per (block, rank), each of
         # num_max_nvl_chunked_recv_tokens slots; a slot is the row plus the larger of the dispatch metadata (source
-        # token, top-k indices and weights for top-k up to 32, one fp32 scale per 128 channels) and the combine one,
-        # padded to 128 bytes.
-        dispatch_meta = _align(8 + 12 * NUM_MAX_TOPK + 4 * (hidden_bytes // 256), 16)
+        # token, top-k indices and weights for top-k up to 32, one fp32 scale per 128 channels, the receive row at
+        # each of up to 8 ranks) and the combine one, padded to 128 bytes.
+        dispatch_meta = _align(8 + 12 * NUM_MAX_TOPK + 4 * (hidden_bytes // 256) + 4 * NUM_MAX_NVL_PEERS, 16)
         combine_meta = _align(4 + 4 * NUM_MAX_TOPK, 16)
         slot_bytes = _align(_align(hidden_bytes, 16) + max(dispatch_meta, combine_meta), 128)
         return _align(self.num_sms * num_ranks * self.num_max_nvl_chunked_recv_tokens * slot_bytes, 128)

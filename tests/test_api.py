@@ -180,6 +180,14 @@ def test_size_hints() -> None:
     assert config.get_rdma_buffer_size_hint(7168 * 2, 16) > 0
     with pytest.raises(ValueError, match="hidden_bytes"):
         config.get_nvl_buffer_size_hint(0, 4)
+    # The hint is the kernels' own bound (csrc/device/layout.cuh ring_bytes_hint), where the extension is built.
+    if hybrid_ep.has_extension():
+        from hybrid_ep import _ext
+
+        runtime = _ext.require_extension("the ring size bound").NvlRuntime
+        for num_sms, num_ranks, num_slots, hidden in ((24, 4, 256, 7168), (8, 2, 32, 2048), (20, 8, 64, 4096)):
+            expected = hybrid_ep.Config(num_sms, 4, num_slots).get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+            assert runtime.ring_bytes_hint(hidden * 2, num_ranks, num_sms, num_slots) == expected
     ll = hybrid_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 4, 256)
     # Receive area alone: every expert can get 128 BF16 rows of 7168 channels.
     assert ll % 128 == 0 and ll >= 2 * 256 * 128 * 7168 * 2

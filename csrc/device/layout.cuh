@@ -3,7 +3,7 @@
 //
 //   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | pad to 128 B ]
 //   [ notify slots: int[kNumMaxNvlRanks][kNumNotifySlotInts] | pad to 128 B ]
-//   [ ring tails, heads, starts: each int[kNumMaxRings][kNumMaxNvlRanks] | pad to 128 B ]
+//   [ ring tails, heads: each int[kNumMaxRings][kNumMaxNvlRanks] | work claims: int[32] | pad to 128 B ]
 //   [ data: num_nvl_bytes ]
 //
 // Notify slot s of rank r's buffer is written by source rank s: its token count to every rank (kNumMaxNvlRanks ints),
@@ -13,8 +13,9 @@
 //
 // Rings (RingLayout below) live in the data region; their counters in the tails/heads arrays. Ring (block b, source
 // s) of rank r: source s's block b writes rows into it and advances tails[b][s] of r's buffer; r's block b copies
-// rows out and advances heads[b][r] of s's buffer. Both counters are zero between calls: the reader of each resets
-// it once the call's traffic is over.
+// rows out and advances heads[b][r] of s's buffer. The work claims count the parts of a call's work this rank's
+// blocks have taken (kernels/intranode/dispatch.cu). Every rank zeroes its own counters at the start of each call,
+// between two synchronisations with its peers (device/nvl_barrier.cuh reset_ring_counters).
 //
 // Barrier protocol: in barrier number e (1, 2, ...), rank r adds 1 to signals[r] in every rank's buffer (its own
 // included), then waits until its own signals[p] >= e for every p. The epoch, the count of barriers this rank has
@@ -53,6 +54,7 @@ constexpr int kNumNotifySlotInts = kSlotWorstOffset + 2;
 
 struct NvlBufferLayout {
     static constexpr size_t kAlignment = 128;
+    static constexpr int kNumClaims = 32;
 
     size_t num_data_bytes;  // bytes the caller asked for (Buffer's num_nvl_bytes)
 
@@ -68,12 +70,10 @@ struct NvlBufferLayout {
     HEP_HOST_DEVICE static constexpr size_t heads_offset() {
         return tails_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
     }
-    HEP_HOST_DEVICE static constexpr size_t starts_offset() {
+    HEP_HOST_DEVICE static constexpr size_t claims_offset() {
         return heads_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
     }
-    HEP_HOST_DEVICE static constexpr size_t data_offset() {
-        return align(starts_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks);
-    }
+    HEP_HOST_DEVICE static constexpr size_t data_offset() { return align(claims_offset() + sizeof(int) * kNumClaims); }
     HEP_HOST_DEVICE size_t num_total_bytes() const { return data_offset() + num_data_bytes; }
 
     // [kNumMaxNvlRanks] barrier signals of the buffer starting at `base`.
@@ -98,11 +98,9 @@ struct NvlBufferLayout {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + heads_offset()) + ring_idx * kNumMaxNvlRanks +
                dst_rank;
     }
-    // First receive row of ring (ring_idx, src_rank)'s rows in a dispatch, written by the source before its first
-    // tail update of the call.
-    HEP_HOST_DEVICE static int* start(void* base, int ring_idx, int src_rank) {
-        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + starts_offset()) + ring_idx * kNumMaxNvlRanks +
-               src_rank;
+    // Work claim counter `i` (< kNumClaims) of the buffer starting at `base`, read and advanced by its owner's blocks.
+    HEP_HOST_DEVICE static int* claim(void* base, int i) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + claims_offset()) + i;
     }
     // Start of the data region of the buffer starting at `base`.
     HEP_HOST_DEVICE static uint8_t* data(void* base) { return static_cast<uint8_t*>(base) + data_offset(); }
@@ -110,21 +108,26 @@ struct NvlBufferLayout {
 
 // Most top-k entries a row carries through the rings (kernels/api.cuh kMaxNumTopk).
 constexpr int kNumMaxRingTopk = 32;
+// Most ranks of a domain the ring kernels serve (kernels/api.cuh kNumMaxKernelRanks).
+constexpr int kNumMaxRingRanks = 8;
 
 HEP_HOST_DEVICE constexpr int align16(int bytes) {
     return (bytes + 15) / 16 * 16;
 }
 
-// The per-row metadata of a dispatch ring slot, the same for every destination (the receiver localises):
+// The per-row metadata of a dispatch ring slot, the same for every destination (the receiver localises and takes
+// its own receive row):
 //   [ source token: int | pad: int | top-k indices: int64[num_topk] | weights: float[num_topk] |
-//     scales: float[num_scales] | pad to 16 B ]
+//     scales: float[num_scales] | receive row at each rank: int[num_ranks] | pad to 16 B ]
 struct DispatchMetaLayout {
     int num_topk;    // 0 without top-k
     int num_scales;  // 0 for BF16
+    int num_ranks;   // ranks of the domain
     HEP_HOST_DEVICE int topk_idx_offset() const { return 8; }
     HEP_HOST_DEVICE int weights_offset() const { return 8 + 8 * num_topk; }
     HEP_HOST_DEVICE int scales_offset() const { return 8 + 12 * num_topk; }
-    HEP_HOST_DEVICE int num_bytes() const { return align16(8 + 12 * num_topk + 4 * num_scales); }
+    HEP_HOST_DEVICE int recv_rows_offset() const { return 8 + 12 * num_topk + 4 * num_scales; }
+    HEP_HOST_DEVICE int num_bytes() const { return align16(recv_rows_offset() + 4 * num_ranks); }
 };
 
 // The per-row metadata of a combine ring slot: [ source token: int | weights: float[num_topk] | pad to 16 B ].
@@ -172,7 +175,7 @@ struct RingLayout {
 // need for rows of `hidden_bytes` bytes at BF16 width, whatever the dtype (BF16 or FP8 with 128-channel scales) and
 // top-k (up to kNumMaxRingTopk): the bound `Config.get_nvl_buffer_size_hint` returns.
 HEP_HOST_DEVICE inline size_t ring_bytes_hint(int hidden_bytes, int num_ranks, int num_blocks, int num_slots) {
-    const int dispatch_meta = DispatchMetaLayout{kNumMaxRingTopk, hidden_bytes / 256}.num_bytes();
+    const int dispatch_meta = DispatchMetaLayout{kNumMaxRingTopk, hidden_bytes / 256, kNumMaxRingRanks}.num_bytes();
     const int combine_meta = CombineMetaLayout{kNumMaxRingTopk}.num_bytes();
     const int meta = dispatch_meta > combine_meta ? dispatch_meta : combine_meta;
     return RingLayout{num_ranks, num_blocks, num_slots, align16(hidden_bytes), meta}.num_bytes();

@@ -40,14 +40,16 @@ __device__ __forceinline__ void nvl_barrier(void* const* buffer_ptrs, int rank, 
     __syncthreads();
 }
 
-// Zeroes the ring tails and heads of this rank's own buffer (device/layout.cuh). Called by every thread of one
-// block between two synchronisations with the peers: after a barrier (no peer still writes them for an earlier
-// call) and before the peers may write them again (a second barrier, or a release they wait for).
+// Zeroes the ring tails and heads and the work claims of this rank's own buffer (device/layout.cuh). Called by every
+// thread of one block between two synchronisations with the peers: after a barrier (no peer still writes them for
+// an earlier call) and before the peers may write them again (a second barrier, or a release they wait for).
 __device__ __forceinline__ void reset_ring_counters(void* local_buffer) {
     int* tails = NvlBufferLayout::tail(local_buffer, 0, 0);
     int* heads = NvlBufferLayout::head(local_buffer, 0, 0);
     for (int i = threadIdx.x; i < kNumMaxRings * kNumMaxNvlRanks; i += blockDim.x)
         tails[i] = heads[i] = 0;
+    for (int i = threadIdx.x; i < NvlBufferLayout::kNumClaims; i += blockDim.x)
+        *NvlBufferLayout::claim(local_buffer, i) = 0;
     __syncthreads();
 }
 

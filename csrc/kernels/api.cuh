@@ -105,6 +105,7 @@ void notify_combine(const NotifyCombineParams& params, cudaStream_t stream);
 
 // Most ranks the dispatch and combine kernels serve (one lane or unrolled register slot per rank).
 constexpr int kNumMaxKernelRanks = 8;
+static_assert(kNumMaxKernelRanks <= kNumMaxRingRanks, "ring metadata carries a receive row per rank");
 
 // Parameters of `intranode_dispatch` (kernels/intranode/dispatch.cu).
 struct DispatchParams {
@@ -134,6 +135,7 @@ struct DispatchParams {
     int num_channels;                    // channels of the handle; the kernel runs 2 blocks per channel
     int num_ring_slots;                  // rows per ring (Config.num_max_nvl_chunked_recv_tokens)
     int num_chunk_tokens;                // a sender publishes its progress every this many tokens
+    int num_claim_tokens;                // tokens a sender takes per claim of work; set by intranode_dispatch
 };
 
 // Moves every row of x to the ranks `send_head` names (kernels/intranode/dispatch.cu), on `stream`. Needs the

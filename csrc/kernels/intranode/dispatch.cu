@@ -1,16 +1,17 @@
 // `intranode_dispatch`: moves rows over NVLink into per-(block, source) rings of the receivers, which copy them out.
 //
-// Grid: 2 blocks per channel; block b sends the tokens of one half of channel b / 2 (contiguous) and receives what
-// block b of every peer sends. Each block has kNumWarps warps (28 for rows of at most kNumMaxNarrowRowBytes, else
-// 16): kNumSenders senders (two warps each; 3 for narrow rows in grids of at most kNumMaxNarrowBlocks blocks, else 2)
-// and kNumWarps - 2 * kNumSenders receiver warps; sender w of block b takes the w-th contiguous part of the block's
-// tokens and owns ring r = b * kNumSenders + w at every peer (the Config's ring slots are shared out among a block's
-// senders):
+// Grid: 2 blocks per channel (the handle's channels; which block sends a token does not change where it lands). Each
+// block has kNumWarps warps (28 for rows of at most kNumMaxNarrowRowBytes, else 16): kNumSenders senders (two warps
+// each; 3 for narrow rows in grids of at most kNumMaxNarrowBlocks blocks, else 2) and kNumWarps - 2 * kNumSenders
+// receiver warps. Senders take the rank's tokens a few at a time from a counter they share (claims), so fast blocks
+// send more; sender w of block b owns ring r = b * kNumSenders + w at every peer (the Config's ring slots are shared
+// out among a block's senders), and block b receives what block b of every peer sends:
 //   * senders (warps 0..2 * kNumSenders - 1; sender w is the issuer 2w and the filler 2w + 1): each runs the
-//     bulk-copy pipeline of device/bulk_pipeline.cuh in its own part of shared memory. The filler writes token k's
-//     metadata (source index, top-k, weights, scales, loaded into registers one token ahead) into stage k %
-//     kNumStages and this rank's own copy of it into the outputs, then its lane 0 loads the row global -> shared
-//     (TMA); the stage's mbarrier completes when both are there. The issuer's lane 0 waits for it and stores the
+//     bulk-copy pipeline of device/bulk_pipeline.cuh in its own part of shared memory. The filler claims tokens
+//     and writes the k-th one's metadata (source index, top-k, weights, scales, receive row at every rank, loaded
+//     into registers one token ahead) into stage k % kNumStages and this rank's own copy of it into the outputs,
+//     then its lane 0 loads the row global -> shared (TMA); the stage's mbarrier completes when both are there
+//     (once no token is left, a stage marked -1 ends the issuer). The issuer's lane 0 waits for it and stores the
 //     stage shared -> peer ring (TMA, row and metadata in one copy) for every destination `send_head` names, one
 //     bulk group per token, or straight into recv_x for this rank. Only the issuing thread can wait for its bulk
 //     groups, so it frees a stage (a second mbarrier the filler waits on) once the token's stores have read it
@@ -21,13 +22,13 @@
 //   * receivers (warps 2 * kNumSenders..): grouped per ring (source rank, sender); a group leader polls its rings'
 //     tails (acquire), the group copies the available rows to recv_x / recv_* (16-byte loads that skip L1, 12 in
 //     flight per lane, metadata loaded first; top-k localised), then the leader releases the head into the
-//     source's buffer. Rows go to `start + j`, where start (the receive row of the sender block's first row for this
-//     rank) is written by the sender before its first tail.
-// Counters: tails[r][s] (receiver's buffer, written by source s) and heads[r][d] (sender's buffer, written by
-// receiver d) start every call at zero: each rank zeroes its own between the two barriers before the kernel
-// (notify_dispatch, or prepare_rings in cached mode).
+//     source's buffer. A row goes to the receive row its metadata names for this rank (from `send_head`).
+// Counters: tails[r][s] (receiver's buffer, written by source s), heads[r][d] (sender's buffer, written by
+// receiver d) and the claim counter (each rank's own) start every call at zero: each rank zeroes its own between
+// the two barriers before the kernel (notify_dispatch, or prepare_rings in cached mode).
 // Preconditions: every rank's rings are idle (notify_dispatch or a barrier ran before on this stream); every rank
 // launches with the same num_channels, num_ring_slots, row and metadata sizes.
+#include <algorithm>
 #include <cstdio>
 #include <type_traits>
 
@@ -73,7 +74,6 @@ struct SenderState {
     int sent[kNumMaxKernelRanks];       // rows written into the ring at each rank
     int head_seen[kNumMaxKernelRanks];  // last head read for each rank
     int published[kNumMaxKernelRanks];  // last tail published to each rank
-    int start[kNumMaxKernelRanks];      // receive row of the first row sent to each rank
 };
 
 // Receiver group task, written by the group leader.
@@ -82,7 +82,6 @@ struct RecvTask {
     int ring_idx;  // the source's sender: ring (ring_idx, src_rank)
     int first;     // first ring row to copy
     int count;     // rows to copy
-    int start;     // receive row of ring row 0
 };
 
 // Scales a lane keeps in registers while they are in flight (hidden up to 32 x 4 x 128 channels); wider rows load
@@ -116,17 +115,6 @@ __device__ __forceinline__ TokenMeta load_token_meta(const DispatchParams& p, in
     return meta;
 }
 
-// Tokens [begin, end) of block `block_idx`: one half of its channel.
-__device__ __forceinline__ void block_tokens(const DispatchParams& p, int block_idx, int& begin, int& end) {
-    const int channel = block_idx / 2;
-    const int tokens_per_channel = max((p.num_tokens + p.num_channels - 1) / p.num_channels, 1);
-    const int channel_begin = min(channel * tokens_per_channel, p.num_tokens);
-    const int channel_end = min(channel_begin + tokens_per_channel, p.num_tokens);
-    const int channel_mid = min(channel_begin + (tokens_per_channel + 1) / 2, channel_end);
-    begin = block_idx % 2 == 0 ? channel_begin : channel_mid;
-    end = block_idx % 2 == 0 ? channel_mid : channel_end;
-}
-
 // The rings of a dispatch: kNumSenders per block and source, sharing the Config's slots.
 template <int kNumSenders>
 __device__ __forceinline__ RingLayout dispatch_rings(const DispatchParams& p, const DispatchMetaLayout& meta_layout) {
@@ -142,31 +130,18 @@ struct SenderShared {
     StageBarriers<kNumStages> stages;                // stage filled: metadata written, row loaded
     StageBarriers<kNumStages> free_stages;           // stage free again: its stores have read it
     int stage_rows[kNumStages][kNumMaxKernelRanks];  // receive row of a stage's token at each rank, or -1
+    int stage_token[kNumStages];                     // a stage's token, or -1: the sender has no more tokens
 };
-
-// The tokens [begin, begin + count) of sender `sender_idx` of block `block_idx`: its contiguous part of the
-// block's half channel.
-template <int kNumSenders>
-__device__ __forceinline__ void sender_tokens(const DispatchParams& p, int block_idx, int sender_idx, int& begin,
-                                              int& count) {
-    int block_begin, block_end;
-    block_tokens(p, block_idx, block_begin, block_end);
-    const int per_sender = (block_end - block_begin + kNumSenders - 1) / kNumSenders;
-    begin = min(block_begin + sender_idx * per_sender, block_end);
-    count = min(begin + per_sender, block_end) - begin;
-}
 
 // Filler warp of sender `sender_idx`: writes every token's metadata into its stage, and this rank's own copy of it
 // straight into the outputs, then starts the load of the token's row (`stages_smem`: the sender's stages).
 template <int kNumSenders, int kNumStages, int kPublishLag>
 __device__ void run_filler(const DispatchParams& p, uint8_t* stages_smem, SenderShared<kNumStages, kPublishLag>& shared,
-                           int block_idx, int sender_idx) {
+                           int sender_idx) {
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
-    const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
+    const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales, num_ranks};
     const StageLayout stage_layout{p.num_x_bytes, meta_layout.num_bytes()};
-    int token_begin, num_block_tokens;
-    sender_tokens<kNumSenders>(p, block_idx, sender_idx, token_begin, num_block_tokens);
     const auto stage_ptr = [&](int k) { return stages_smem + (k % kNumStages) * stage_layout.stride(); };
     // The issuer initialises the barriers.
     ptx::named_barrier_sync(Roles<kNumSenders>::kFirstSenderBarrier + sender_idx, 2 * kWarpSize);
@@ -174,12 +149,13 @@ __device__ void run_filler(const DispatchParams& p, uint8_t* stages_smem, Sender
     // Every lane of the filler: writes the metadata of token k into its (free) stage and this rank's own copy of it
     // straight into the outputs, then starts the load of the token's row; the stage's barrier completes once both
     // are there.
-    const auto fill_stage = [&](int k, const TokenMeta& meta) {
-        const int token_idx = token_begin + k;
+    const auto fill_stage = [&](int k, int token_idx, const TokenMeta& meta) {
         uint8_t* stage = stage_ptr(k);
         uint8_t* stage_meta = stage + p.num_x_bytes;
-        if (lane_idx == 0)
+        if (lane_idx == 0) {
             *reinterpret_cast<int*>(stage_meta) = token_idx;
+            shared.stage_token[k % kNumStages] = token_idx;
+        }
         if (lane_idx < p.num_topk) {
             reinterpret_cast<int64_t*>(stage_meta + meta_layout.topk_idx_offset())[lane_idx] = meta.expert_idx;
             reinterpret_cast<float*>(stage_meta + meta_layout.weights_offset())[lane_idx] = meta.weight;
@@ -191,8 +167,10 @@ __device__ void run_filler(const DispatchParams& p, uint8_t* stages_smem, Sender
                 stage_scales[lane_idx + i * kWarpSize] = meta.scales[i];
         for (int s = lane_idx + kNumScaleRegs * kWarpSize; s < p.num_scales; s += kWarpSize)
             stage_scales[s] = p.x_scales[token_idx * p.scale_token_stride + s * p.scale_hidden_stride];
-        if (lane_idx < num_ranks)
+        if (lane_idx < num_ranks) {
             shared.stage_rows[k % kNumStages][lane_idx] = meta.recv_row;
+            reinterpret_cast<int*>(stage_meta + meta_layout.recv_rows_offset())[lane_idx] = meta.recv_row;
+        }
 
         const int self_row = __shfl_sync(0xffffffff, meta.recv_row, rank);
         if (self_row >= 0) {
@@ -219,21 +197,57 @@ __device__ void run_filler(const DispatchParams& p, uint8_t* stages_smem, Sender
                                p.num_x_bytes);
     };
 
+    // Lane 0 takes the next p.num_claim_tokens tokens of this rank (a claim on the rank's shared counter); every lane
+    // gets the first of them, num_tokens or more once every token is taken.
+    // NOTES: blocks send at different speeds (on 4 H200 GPUs the 8 blocks that shared one group of SMs took up to
+    // 1.7 times as long as the others for the same tokens), so fixed shares left the grid waiting for the slowest.
+    int* claims = NvlBufferLayout::claim(p.buffer_ptrs[rank], 0);
+    const auto claim = [&]() {
+        int first = 0;
+        if (lane_idx == 0)
+            first = atomicAdd(claims, 1) * p.num_claim_tokens;
+        return __shfl_sync(0xffffffff, first, 0);
+    };
+
     // NOTES: a warp of its own fills the stages, so the issuer's lane does nothing but issue bulk copies; as
     // one warp, filling took about a fifth of the sender's time on 4 H200 GPUs. The metadata of the next token
-    // is always in flight. Token k reuses the stage of token k - kNumStages once the issuer frees it.
+    // is always in flight, and the claim after the current one is taken when the current one starts. Token k of
+    // the sender reuses the stage of token k - kNumStages once the issuer frees it.
+    int claim_end = 0, next_claim = claim();
+    const auto advance = [&](int token) {
+        if (token + 1 < claim_end)
+            return token + 1;
+        // The next claim starts: take the one after it.
+        const int first = next_claim;
+        claim_end = min(first + p.num_claim_tokens, p.num_tokens);
+        if (first < p.num_tokens)
+            next_claim = claim();
+        return first;
+    };
+    int token_idx = advance(-1);
     TokenMeta next_meta;
-    if (num_block_tokens > 0)
-        next_meta = load_token_meta(p, token_begin, lane_idx);
-    for (int k = 0; k < num_block_tokens; ++k) {
+    if (token_idx < p.num_tokens)
+        next_meta = load_token_meta(p, token_idx, lane_idx);
+    int k = 0;
+    for (; token_idx < p.num_tokens; ++k) {
         const TokenMeta meta = next_meta;
-        if (k + 1 < num_block_tokens)
-            next_meta = load_token_meta(p, token_begin + k + 1, lane_idx);
+        const int next_token = advance(token_idx);
+        if (next_token < p.num_tokens)
+            next_meta = load_token_meta(p, next_token, lane_idx);
         if (k >= kNumStages && lane_idx == 0)
             shared.free_stages.wait(k - kNumStages, p.num_timeout_cycles, "dispatch (stage free)", rank);
         __syncwarp();
-        fill_stage(k, meta);
+        fill_stage(k, token_idx, meta);
+        token_idx = next_token;
     }
+    // Stage k tells the issuer that there are no more tokens.
+    if (lane_idx == 0) {
+        if (k >= kNumStages)
+            shared.free_stages.wait(k - kNumStages, p.num_timeout_cycles, "dispatch (stage free)", rank);
+        shared.stage_token[k % kNumStages] = -1;
+        shared.stages.arrive(k);
+    }
+    __syncwarp();
 }
 
 // Issuer warp of sender `sender_idx`: its lane 0 stores each filled stage into the ring of every destination (or
@@ -247,16 +261,14 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
     auto& history = shared.history;
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
-    const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
+    const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales, num_ranks};
     const StageLayout stage_layout{p.num_x_bytes, meta_layout.num_bytes()};
     const RingLayout rings = dispatch_rings<kNumSenders>(p, meta_layout);
     const int ring_idx = block_idx * kNumSenders + sender_idx;
-    int token_begin, num_block_tokens;
-    sender_tokens<kNumSenders>(p, block_idx, sender_idx, token_begin, num_block_tokens);
     const auto stage_ptr = [&](int k) { return stages_smem + (k % kNumStages) * stage_layout.stride(); };
 
     if (lane_idx < kNumMaxKernelRanks)
-        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = state.start[lane_idx] = 0;
+        state.sent[lane_idx] = state.head_seen[lane_idx] = state.published[lane_idx] = 0;
     if (lane_idx == 0) {
         shared.stages.init();
         shared.free_stages.init();
@@ -265,12 +277,9 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
 
     // Lane 0: makes tails up to `sent_after` visible at every peer (all bulk groups they count have completed).
     const auto publish = [&](const int* sent_after, bool is_last) {
-        // NOTES: one system-scope fence orders every completed row, and the start rows written just before it,
-        // before all the tails that follow (a release store per peer would fence once per peer).
+        // NOTES: one system-scope fence orders every completed row before all the tails that follow (a release store
+        // per peer would fence once per peer).
         ptx::fence_proxy_async_global();
-        for (int d = 0; d < num_ranks; ++d)
-            if (d != rank && state.published[d] == 0 && sent_after[d] > 0)
-                ptx::st_relaxed_sys(NvlBufferLayout::start(p.buffer_ptrs[d], ring_idx, rank), state.start[d]);
         bool is_fenced = false;
         for (int d = 0; d < num_ranks; ++d) {
             if (d == rank)
@@ -287,9 +296,15 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
         }
     };
 
-    for (int k = 0; k < num_block_tokens; ++k) {
+    for (int k = 0;; ++k) {
+        bool is_end = false;
         if (lane_idx == 0) {
             shared.stages.wait(k, p.num_timeout_cycles, "dispatch", rank);
+            is_end = shared.stage_token[k % kNumStages] < 0;
+        }
+        if (__shfl_sync(0xffffffff, is_end, 0))
+            break;
+        if (lane_idx == 0) {
             const uint32_t stage_addr = ptx::smem_addr(stage_ptr(k));
             const int* rows = shared.stage_rows[k % kNumStages];
             // Rotate the destinations so the blocks of a rank do not all hit the same peer at once.
@@ -314,8 +329,6 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
                                        publish(state.sent, false);
                                    });
                 }
-                if (sent == 0)
-                    state.start[d] = row;
                 const int slot = sent % rings.num_slots;
                 // The row and its metadata, contiguous in the stage and in the slot.
                 ptx::tma_store_1d(rings.x(p.buffer_ptrs[d], ring_idx, rank, slot), stage_addr,
@@ -330,12 +343,10 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
                 publish(history.after(k - kPublishLag), false);
             }
             // The stage of token k - kNumReadPending is free once its stores have read it; the filler needs it
-            // for token k - kNumReadPending + kNumStages.
-            if (k - kNumReadPending + kNumStages < num_block_tokens) {
-                ptx::bulk_wait_group_read<kNumReadPending>();
-                if (k >= kNumReadPending)
-                    shared.free_stages.arrive(k - kNumReadPending);
-            }
+            // for token (or the end mark) k - kNumReadPending + kNumStages.
+            ptx::bulk_wait_group_read<kNumReadPending>();
+            if (k >= kNumReadPending)
+                shared.free_stages.arrive(k - kNumReadPending);
         }
         __syncwarp();
     }
@@ -358,10 +369,11 @@ __device__ void copy_out(const DispatchParams& p, const RingLayout& rings, const
     const int64_t first_expert = static_cast<int64_t>(p.rank) * p.num_local_experts;
     for (int j = task.first + warp_rank; j < task.first + task.count; j += num_warps) {
         const int slot = j % rings.num_slots;
-        const int64_t row = task.start + j;
         const auto* src = reinterpret_cast<const int4*>(rings.x(local, task.ring_idx, task.src_rank, slot));
-        auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(p.recv_x) + row * p.num_x_bytes);
         const uint8_t* meta = rings.meta(local, task.ring_idx, task.src_rank, slot);
+        // The row's place at this rank, which the source wrote into the metadata.
+        const int64_t row = ptx::ld_cg(reinterpret_cast<const int*>(meta + meta_layout.recv_rows_offset()) + p.rank);
+        auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(p.recv_x) + row * p.num_x_bytes);
 
         // NOTES: every load of a round is issued before its first use (metadata first), so a row costs one memory
         // latency per kUnroll vectors a lane moves, not one per vector.
@@ -419,7 +431,7 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     const int lane_idx = ptx::get_lane_idx();
     const int rank = p.rank, num_ranks = p.num_ranks;
     const int num_blocks = 2 * p.num_channels;
-    const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales};
+    const DispatchMetaLayout meta_layout{p.num_topk, p.num_scales, num_ranks};
     const RingLayout rings = dispatch_rings<kNumSenders>(p, meta_layout);
 
     // Padding rows after the received ones: zero data, -1 indices (spread over every receiver warp of the grid).
@@ -480,8 +492,7 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
                         const int tail = ptx::ld_acquire_sys(NvlBufferLayout::tail(p.buffer_ptrs[rank], r, s));
                         const int available = (tail & ~kDoneBit) - consumed[j];
                         if (available > 0) {
-                            task = RecvTask{s, r, consumed[j], min(available, 8 * warps_per_group),
-                                            ptx::ld_cg(NvlBufferLayout::start(p.buffer_ptrs[rank], r, s))};
+                            task = RecvTask{s, r, consumed[j], min(available, 8 * warps_per_group)};
                             current_ring = j;
                             next = (i + 1) % num_group_rings;
                             return false;
@@ -523,18 +534,28 @@ __global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
     __shared__ SenderShared<kNumStages, kPublishLag> senders[kNumSenders];
     if (warp_idx < 2 * kNumSenders) {
         const int sender_idx = warp_idx / 2;
-        const DispatchMetaLayout meta_layout{params.num_topk, params.num_scales};
+        const DispatchMetaLayout meta_layout{params.num_topk, params.num_scales, params.num_ranks};
         uint8_t* stages_smem =
             smem + sender_idx * kNumStages * StageLayout{params.num_x_bytes, meta_layout.num_bytes()}.stride();
         if (warp_idx % 2 == 0)
             run_issuer<kNumSenders, kNumStages, kNumPrefetch, kPublishLag>(params, stages_smem, senders[sender_idx],
                                                                            blockIdx.x, sender_idx);
         else
-            run_filler<kNumSenders, kNumStages, kPublishLag>(params, stages_smem, senders[sender_idx], blockIdx.x,
-                                                             sender_idx);
+            run_filler<kNumSenders, kNumStages, kPublishLag>(params, stages_smem, senders[sender_idx], sender_idx);
     } else
         run_receiver<kNumSenders, kNumWarps - 2 * kNumSenders, kRecvUnroll>(params, blockIdx.x,
                                                                             warp_idx - 2 * kNumSenders);
+}
+
+// Returns: the tokens a sender takes per claim when `num_senders` senders share `num_tokens` tokens: at most
+// kNumMaxClaimTokens, fewer where a sender would otherwise get under kClaimsPerSender claims.
+// NOTES: a claim costs one atomic on the rank's counter, taken one claim ahead. On 4 H200 GPUs (GB/s summed over
+// the ranks at 8 / 16 / 20 / 24 SMs) claims of 2 tokens gave BF16 846 / 1564 / 1443 / 1334 and FP8 750 / 1308 /
+// 1364 / 1506, against 846 / 1538 / 1370 / 1359 and 764 / 1324 / 1344 / 1338 with fixed shares; claims of 4 and of
+// 5-8 tokens were no better than 2.
+int claim_tokens(int num_tokens, int num_senders) {
+    constexpr int kClaimsPerSender = 32, kNumMaxClaimTokens = 2;
+    return std::max(std::min(num_tokens / (kClaimsPerSender * std::max(num_senders, 1)), kNumMaxClaimTokens), 1);
 }
 
 }  // namespace
@@ -554,7 +575,7 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
               "block), got ",
               params.num_ring_slots);
     HEP_CHECK(params.num_chunk_tokens >= 1, "dispatch: config.num_max_nvl_chunked_send_tokens must be positive");
-    const DispatchMetaLayout meta_layout{params.num_topk, params.num_scales};
+    const DispatchMetaLayout meta_layout{params.num_topk, params.num_scales, params.num_ranks};
     const int stage_bytes = StageLayout{params.num_x_bytes, meta_layout.num_bytes()}.stride();
     // Launches `kernel` with kNumSenders senders if its stages fit in shared memory beside the kernel's static
     // shared memory.
@@ -570,7 +591,9 @@ void intranode_dispatch(const DispatchParams& params, size_t num_nvl_bytes, int 
                   "; create the Buffer with num_nvl_bytes >= config.get_nvl_buffer_size_hint(hidden_bytes, "
                   "num_ranks)");
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<2 * params.num_channels, num_warps * kWarpSize, smem, stream>>>(params);
+        DispatchParams launch_params = params;
+        launch_params.num_claim_tokens = claim_tokens(params.num_tokens, 2 * params.num_channels * kNumSenders);
+        kernel<<<2 * params.num_channels, num_warps * kWarpSize, smem, stream>>>(launch_params);
         return true;
     };
     // NOTES: the stage count, prefetch depth and publish lag changed little on 4 H200 GPUs (12 or 14 stages with

@@ -345,8 +345,9 @@ class Buffer:
             event: an `EventOverlap`.
         """
         self._check_alive()
-        config = self._check_config(config, "dispatch")
-        data, _ = checks.split_dispatch_x(x)
+        data, scales = checks.split_dispatch_x(x)
+        # Without a config, FP8 rows get the FP8 dispatch one.
+        config = self._check_config(config, "dispatch" if scales is None else "dispatch_fp8")
         self._check_device("x", data)
 
         if self.runtime is not None:

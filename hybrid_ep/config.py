@@ -135,26 +135,50 @@ class Config:
         return isinstance(other, Config) and repr(self) == repr(other)
 
 
-# Recommended (nvl_send, nvl_recv, rdma_send, rdma_recv) per op and rank count; num_sms comes from Buffer.num_sms.
-# Rank counts not listed fall back to DEFAULT_CHUNKS. From the full tuner sweep on 4 H200 GPUs (standard workload,
-# kernels with several senders per block): dispatch publishes every 12 rows into 256-row rings (best or within 3% of
-# it at 8-20 SMs, BF16 and FP8); combine publishes every 6 rows into 64-row rings (best at every SM count: 276 GB/s
-# at 16 SMs against 231 with 32/256; 32- or 48-row rings were 15-35% slower). 2 and 8 ranks use the same values
-# until measured. `python -m hybrid_ep.tune` writes tuned ones.
+# Recommended (nvl_send, nvl_recv, rdma_send, rdma_recv) per op, rank count and SM count; the Config gets the SM
+# count asked for (Buffer.num_sms) and the chunk sizes listed for the nearest SM count (the smaller of two equally
+# near). Rank counts not listed fall back to DEFAULT_CHUNKS. From the tuner's sweep on 4 H200 GPUs (standard
+# workload, run with 2 and with 4 ranks; docs/design.md has the figures): dispatch wants small rings from 20 SMs on
+# at 4 ranks (BF16 412-416 GB/s with 32-row rings, against 341-347 with 256), FP8 dispatch and combine do not.
+# 8 ranks keep the values of the first sweep until measured. `python -m hybrid_ep.tune` writes tuned ones.
 DEFAULT_CHUNKS = (12, 256, 6, 128)
 RECOMMENDED_CONFIGS = {
-    "dispatch": {2: (12, 256, 6, 128), 4: (12, 256, 6, 128), 8: (12, 256, 6, 128)},
-    "combine": {2: (6, 64, 6, 128), 4: (6, 64, 6, 128), 8: (6, 64, 6, 128)},
+    "dispatch": {
+        2: {8: (24, 256, 6, 128), 24: (16, 256, 6, 128)},
+        4: {8: (16, 128, 6, 128), 16: (12, 128, 6, 128), 20: (8, 32, 6, 128)},
+        8: {8: (12, 256, 6, 128)},
+    },
+    "dispatch_fp8": {
+        2: {8: (24, 256, 6, 128)},
+        4: {
+            8: (16, 256, 6, 128),
+            12: (24, 256, 6, 128),
+            16: (16, 96, 6, 128),
+            20: (24, 128, 6, 128),
+            24: (16, 256, 6, 128),
+        },
+        8: {8: (12, 256, 6, 128)},
+    },
+    "combine": {
+        2: {8: (2, 256, 6, 128)},
+        4: {8: (8, 64, 6, 128), 12: (8, 256, 6, 128), 16: (8, 64, 6, 128), 20: (6, 256, 6, 128), 24: (4, 256, 6, 128)},
+        8: {8: (6, 64, 6, 128)},
+    },
 }
 
 
 def recommended_config(op: str, num_ranks: int, num_sms: int) -> Config:
-    """Returns: the recommended Config of `op` ("dispatch" or "combine") for `num_ranks` ranks and `num_sms` SMs."""
+    """Returns: the recommended Config of `op` ("dispatch", "dispatch_fp8" or "combine") for `num_ranks` ranks and
+    `num_sms` SMs."""
     if op not in RECOMMENDED_CONFIGS:
-        raise ValueError(f"op={op!r}: expected 'dispatch' or 'combine'")
+        raise ValueError(f"op={op!r}: expected one of {', '.join(repr(o) for o in RECOMMENDED_CONFIGS)}")
     _check_positive_int("num_ranks", num_ranks)
-    chunks = RECOMMENDED_CONFIGS[op].get(num_ranks, DEFAULT_CHUNKS)
-    return Config(num_sms, *chunks)
+    _check_positive_int("num_sms", num_sms)
+    by_num_sms = RECOMMENDED_CONFIGS[op].get(num_ranks)
+    if by_num_sms is None:
+        return Config(num_sms, *DEFAULT_CHUNKS)
+    nearest = min(by_num_sms, key=lambda s: (abs(s - num_sms), s))
+    return Config(num_sms, *by_num_sms[nearest])
 
 
 def _is_int(value: object) -> bool:

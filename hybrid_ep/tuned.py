@@ -289,7 +289,7 @@ def config_for(op: str, num_ranks: int, num_sms: int) -> Config:
     table = lookup(num_ranks) if _is_int(num_ranks) and num_ranks > 0 else None
     if table is not None:
         return table.config(_LOOKUP_OPS[op], num_sms)
-    return recommended_config("combine" if op == "combine" else "dispatch", num_ranks, num_sms)
+    return recommended_config(op, num_ranks, num_sms)
 
 
 def _is_int(value: object) -> bool:

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hybrid_ep  # noqa: E402
 from hybrid_ep import Config  # noqa: E402
 from hybrid_ep.bench import gather_floats, nvl_bytes_for, time_overlap  # noqa: E402
-from hybrid_ep.tuned import with_num_sms  # noqa: E402
+from hybrid_ep.tuned import config_for  # noqa: E402
 
 from cases import (  # noqa: E402
     Scenario,
@@ -202,9 +202,11 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     log = print if me == 0 else (lambda *_: None)
     on_gpu = device.type == "cuda"
     dispatch_config = hybrid_ep.Buffer.get_dispatch_config(R)
+    dispatch_fp8_config = config_for("dispatch_fp8", R, hybrid_ep.Buffer.num_sms)
     combine_config = hybrid_ep.Buffer.get_combine_config(R)
-    sweep_configs = [(with_num_sms(dispatch_config, s), with_num_sms(combine_config, s)) for s in args.sm_sweep]
-    configs = [dispatch_config, combine_config] + [c for pair in sweep_configs for c in pair]
+    # At each SM count of the sweep, the config Buffer.get_*_config returns with Buffer.num_sms set to it.
+    sweep_configs = [(config_for("dispatch", R, s), config_for("combine", R, s)) for s in args.sm_sweep]
+    configs = [dispatch_config, dispatch_fp8_config, combine_config] + [c for pair in sweep_configs for c in pair]
     num_nvl_bytes = 0
     if on_gpu and hybrid_ep.has_extension():
         # Every config this run uses (the correctness pass uses the defaults), at the widest row.
@@ -313,8 +315,8 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
     record(
         "dispatch FP8 (cached handle)",
         fp8_bytes,
-        bench(lambda: dispatch_cached(x_fp8, handle, dispatch_config), **timing),
-        dispatch_config,
+        bench(lambda: dispatch_cached(x_fp8, handle, dispatch_fp8_config), **timing),
+        dispatch_fp8_config,
     )
     record(
         "dispatch BF16 (with layout)",
@@ -329,8 +331,8 @@ def run(pg: ProcessGroupInfo, args: argparse.Namespace) -> None:
         combine_config,
     )
 
-    # The same calls at each SM count: the recommended chunk sizes with num_sms replaced; combine needs the handle
-    # of a dispatch with as many SMs (channels).
+    # The same calls at each SM count, with the recommended config at that SM count; combine needs the handle of a
+    # dispatch with as many SMs (channels).
     sweep = []
     for sweep_dispatch, sweep_combine in sweep_configs:
         sweep_recv_x, _, sweep_recv_w, _, sweep_handle, _ = buffer.dispatch(x, **layout, config=sweep_dispatch)

@@ -135,3 +135,46 @@ def test_missing_path_warns(tmp_path, monkeypatch) -> None:
 def test_make_results_rejects_what_parse_rejects() -> None:
     with pytest.raises(ValueError, match="best.combine is missing"):
         tuned.make_results(4, {"dispatch_bf16": entry(24, 8, 128), "dispatch_fp8": entry(24, 8, 128)}, {})
+
+
+def test_built_in_table_nearest_sm_count(monkeypatch) -> None:
+    """The built-in table keys its chunk sizes by op, rank count and SM count: the nearest SM count serves (the smaller
+    of two equally near), the SM count asked for is kept, FP8 dispatch has entries of its own, and rank counts not
+    listed get the default chunks."""
+    from hybrid_ep import config as config_module
+
+    table = {
+        "dispatch": {4: {8: (16, 128, 6, 128), 16: (12, 96, 6, 128), 24: (8, 32, 6, 128)}},
+        "dispatch_fp8": {4: {16: (24, 256, 6, 128)}},
+        "combine": {4: {8: (8, 64, 6, 128)}},
+    }
+    monkeypatch.setattr(config_module, "RECOMMENDED_CONFIGS", table)
+    assert recommended_config("dispatch", 4, 8) == Config(8, 16, 128, 6, 128)
+    assert recommended_config("dispatch", 4, 10) == Config(10, 16, 128, 6, 128)
+    assert recommended_config("dispatch", 4, 12) == Config(12, 16, 128, 6, 128)  # a tie: the smaller SM count
+    assert recommended_config("dispatch", 4, 14) == Config(14, 12, 96, 6, 128)
+    assert recommended_config("dispatch", 4, 64) == Config(64, 8, 32, 6, 128)
+    assert recommended_config("dispatch_fp8", 4, 2) == Config(2, 24, 256, 6, 128)
+    assert recommended_config("combine", 4, 40) == Config(40, 8, 64, 6, 128)
+    assert recommended_config("combine", 6, 20) == Config(20, *config_module.DEFAULT_CHUNKS)
+    # Without a tuned file, the Buffer's lookups read the same table.
+    Buffer.set_num_sms(22)
+    assert Buffer.get_dispatch_config(4) == Config(22, 8, 32, 6, 128)
+    assert tuned.config_for("dispatch_fp8", 4, 22) == Config(22, 24, 256, 6, 128)
+    with pytest.raises(ValueError, match="op='dispatch_bf16': expected one of 'dispatch', 'dispatch_fp8', 'combine'"):
+        recommended_config("dispatch_bf16", 4, 8)
+    with pytest.raises(ValueError, match="num_sms=0 must be a positive int"):
+        recommended_config("dispatch", 4, 0)
+
+
+def test_built_in_table_is_well_formed() -> None:
+    """Every entry of the shipped table is a valid Config at its SM count, for every op."""
+    from hybrid_ep.config import RECOMMENDED_CONFIGS
+
+    assert set(RECOMMENDED_CONFIGS) == {"dispatch", "dispatch_fp8", "combine"}
+    for op, by_ranks in RECOMMENDED_CONFIGS.items():
+        for num_ranks, by_num_sms in by_ranks.items():
+            assert by_num_sms, (op, num_ranks)
+            for num_sms, chunks in by_num_sms.items():
+                Config(num_sms, *chunks).validate()
+                assert recommended_config(op, num_ranks, num_sms) == Config(num_sms, *chunks)

@@ -183,7 +183,8 @@ def _tune_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace) -> None:
     kernels = uses_kernels(device)
     points = sweep.points(device_num_sms() if device.type == "cuda" else None)
     # The network (rdma) fields are not used within one NVLink domain: kept as the built-in table has them.
-    base = {op: recommended_config({"dispatch_bf16": "dispatch"}.get(op, op), num_ranks, 2) for op in tuned.OPS}
+    table_ops = {results_op: op for op, results_op in tuned.LOOKUP_OPS.items()}
+    base = {op: recommended_config(table_ops[op], num_ranks, 2) for op in tuned.OPS}
 
     def config(op: str, point: tuple[int, int, int]) -> Config:
         return Config(*point, base[op].num_max_rdma_chunked_send_tokens, base[op].num_max_rdma_chunked_recv_tokens)

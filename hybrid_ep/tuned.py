@@ -41,8 +41,8 @@ CONFIG_FIELDS = (
     "num_max_rdma_chunked_send_tokens",
     "num_max_rdma_chunked_recv_tokens",
 )
-# The op names `config_for` takes, and the results-file op each reads.
-_LOOKUP_OPS = {"dispatch": "dispatch_bf16", "dispatch_fp8": "dispatch_fp8", "combine": "combine"}
+#: The op names `config_for` (and the built-in table) take, and the results-file op each reads.
+LOOKUP_OPS = {"dispatch": "dispatch_bf16", "dispatch_fp8": "dispatch_fp8", "combine": "combine"}
 
 
 class TunedConfigWarning(UserWarning):
@@ -284,11 +284,11 @@ def config_for(op: str, num_ranks: int, num_sms: int) -> Config:
     Returns:
         the tuned Config (see the module docstring for where it is looked for), else the built-in one.
     """
-    if op not in _LOOKUP_OPS:
-        raise ValueError(f"op={op!r}: expected one of {', '.join(_LOOKUP_OPS)}")
+    if op not in LOOKUP_OPS:
+        raise ValueError(f"op={op!r}: expected one of {', '.join(LOOKUP_OPS)}")
     table = lookup(num_ranks) if _is_int(num_ranks) and num_ranks > 0 else None
     if table is not None:
-        return table.config(_LOOKUP_OPS[op], num_sms)
+        return table.config(LOOKUP_OPS[op], num_sms)
     return recommended_config(op, num_ranks, num_sms)
 
 

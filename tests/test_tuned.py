@@ -171,7 +171,7 @@ def test_built_in_table_is_well_formed() -> None:
     """Every entry of the shipped table is a valid Config at its SM count, for every op."""
     from hybrid_ep.config import RECOMMENDED_CONFIGS
 
-    assert set(RECOMMENDED_CONFIGS) == {"dispatch", "dispatch_fp8", "combine"}
+    assert set(RECOMMENDED_CONFIGS) == {"dispatch", "dispatch_fp8", "combine"} == set(tuned.LOOKUP_OPS)
     for op, by_ranks in RECOMMENDED_CONFIGS.items():
         for num_ranks, by_num_sms in by_ranks.items():
             assert by_num_sms, (op, num_ranks)

@@ -202,6 +202,18 @@ __device__ __forceinline__ void st_na_v4(int4* ptr, const int4& v) {
                  : "memory");
 }
 
+// Loads `*ptr` with acquire semantics at block scope (a flag other warps of this block set).
+__device__ __forceinline__ int ld_acquire_cta(const int* ptr) {
+    int value;
+    asm volatile("ld.acquire.cta.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
+// Stores `value` to `*ptr` with release semantics at block scope.
+__device__ __forceinline__ void st_release_cta(int* ptr, int value) {
+    asm volatile("st.release.cta.b32 [%0], %1;" : : "l"(ptr), "r"(value) : "memory");
+}
+
 // Full fence at system scope: this thread's earlier accesses are ordered before its later ones for every observer.
 __device__ __forceinline__ void fence_acq_rel_sys() {
     asm volatile("fence.acq_rel.sys;" : : : "memory");

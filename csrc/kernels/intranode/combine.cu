@@ -388,9 +388,10 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                 timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
                     const int observed = ptx::ld_acquire_cta(&num_freed);
                     if (observed < batch_idx - 1 && is_last_check)
-                        printf("hybrid_ep combine timeout: rank %d, block %d, reducer %d waits for batch %d to be "
-                               "freed: %d batches freed\n",
-                               rank, block_idx, reduce_warp_idx, batch_idx - 2, observed);
+                        printf(
+                            "hybrid_ep combine timeout: rank %d, block %d, reducer %d waits for batch %d to be "
+                            "freed: %d batches freed\n",
+                            rank, block_idx, reduce_warp_idx, batch_idx - 2, observed);
                     return observed < batch_idx - 1;
                 });
             }
@@ -528,9 +529,8 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                             continue;
                         // Sub-ring q has consumed the stream positions below consumed[r] that are q modulo M.
                         for (int q = 0; q < num_subs; ++q)
-                            ptx::st_relaxed_sys(
-                                NvlBufferLayout::head(p.buffer_ptrs[r], block_idx * num_subs + q, rank),
-                                (consumed[r] + num_subs - 1 - q) / num_subs);
+                            ptx::st_relaxed_sys(NvlBufferLayout::head(p.buffer_ptrs[r], block_idx * num_subs + q, rank),
+                                                (consumed[r] + num_subs - 1 - q) / num_subs);
                     }
                     ptx::st_release_cta(&num_freed, batch_idx + 1);
                 }

@@ -181,9 +181,13 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
     }
 }
 
+// Threads of the preludes (notify_combine, prepare_rings): thread p < num_ranks meets rank p, and all of them zero
+// the ring counters (4096 ints and the claims).
+constexpr int kNumPreludeThreads = 256;
+
 // The combine prelude: a barrier (every rank is done with the previous call's rings and slots), then this rank's
 // token count and the barrier's epoch into slot `rank` of every rank. The combine kernel polls the epoch.
-__global__ void __launch_bounds__(kNumMaxNvlRanks)
+__global__ void __launch_bounds__(kNumPreludeThreads)
     notify_combine_kernel(const __grid_constant__ NotifyCombineParams params) {
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "combine (entry)");
     // Peers write this rank's counters only after they saw its epoch below.
@@ -198,7 +202,8 @@ __global__ void __launch_bounds__(kNumMaxNvlRanks)
 }
 
 // Barrier, reset of this rank's ring counters, barrier: what a cached dispatch needs before its kernel.
-__global__ void __launch_bounds__(kNumMaxNvlRanks) prepare_rings_kernel(const __grid_constant__ BarrierParams params) {
+__global__ void __launch_bounds__(kNumPreludeThreads)
+    prepare_rings_kernel(const __grid_constant__ BarrierParams params) {
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (entry)");
     reset_ring_counters(params.buffer_ptrs[params.rank]);
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (reset)");
@@ -208,7 +213,7 @@ __global__ void __launch_bounds__(kNumMaxNvlRanks) prepare_rings_kernel(const __
 
 void prepare_rings(const BarrierParams& params, cudaStream_t stream) {
     check_domain(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles);
-    prepare_rings_kernel<<<1, kNumMaxNvlRanks, 0, stream>>>(params);
+    prepare_rings_kernel<<<1, kNumPreludeThreads, 0, stream>>>(params);
     CUDA_CHECK(cudaGetLastError());
 }
 
@@ -230,7 +235,7 @@ void notify_dispatch(const NotifyDispatchParams& params, cudaStream_t stream) {
 void notify_combine(const NotifyCombineParams& params, cudaStream_t stream) {
     check_domain(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles);
     HEP_CHECK(params.num_tokens >= 0, "notify_combine: num_tokens must be non-negative");
-    notify_combine_kernel<<<1, kNumMaxNvlRanks, 0, stream>>>(params);
+    notify_combine_kernel<<<1, kNumPreludeThreads, 0, stream>>>(params);
     CUDA_CHECK(cudaGetLastError());
 }
 

@@ -386,6 +386,35 @@ class Buffer:
         outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
         return (*outputs, event)
 
+    def _cached_dispatch_with_topk(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        handle: tuple,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_local_experts: int,
+        config: Optional[Config] = None,
+    ) -> Optional[tuple[Any, torch.Tensor, torch.Tensor]]:
+        """A cached dispatch that also moves each token's top-k (HybridEPBuffer's cached dispatch with new weights),
+        in one kernel. Collective over the group.
+
+        Returns: (recv_x, recv_topk_idx, recv_topk_weights) as `dispatch` returns them, or None where this Buffer
+        runs the pure-PyTorch reference (whose cached mode moves no top-k; the caller moves them otherwise).
+        """
+        self._check_alive()
+        if self.runtime is None:
+            return None
+        data, scales = checks.split_dispatch_x(x)
+        config = self._check_config(config, "dispatch" if scales is None else "dispatch_fp8")
+        self._check_device("x", data)
+        checks.check_int("num_local_experts", num_local_experts, 1)
+        run = self._kernel_dispatch_fn(
+            x, handle, None, None, None, topk_idx, topk_weights, 1, 0, config,
+            cached_topk_local_experts=num_local_experts,
+        )  # fmt: skip
+        outputs, _ = self._on_comm_stream(run, (x, handle, topk_idx, topk_weights), None, False, False)
+        return outputs[0], outputs[1], outputs[2]
+
     def combine(
         self,
         x: torch.Tensor,
@@ -550,9 +579,11 @@ class Buffer:
         expert_alignment: int,
         num_worst_tokens: int,
         config: Config,
+        cached_topk_local_experts: Optional[int] = None,
     ) -> Callable[[], tuple]:
         """Checks a dispatch on the NVLink kernels (every check before the first collective) and returns the
-        function that runs it."""
+        function that runs it. With `cached_topk_local_experts` (experts per rank), a cached dispatch also moves
+        topk_idx / topk_weights, localised as a dispatch with layout does."""
         runtime, num_ranks = self.runtime, self.group_size
         data, scales = checks.split_dispatch_x(x)
         num_tokens, hidden, device = data.size(0), data.size(1), data.device
@@ -573,7 +604,7 @@ class Buffer:
             return recv_x, recv_scales, recv_idx, recv_w
 
         if handle is not None:
-            if topk_idx is not None or topk_weights is not None:
+            if (topk_idx is not None or topk_weights is not None) and cached_topk_local_experts is None:
                 raise ValueError("dispatch with a handle (cached mode) takes no topk_idx/topk_weights")
             rank_prefix_matrix, _, recv_channel_prefix_matrix, cached_src_idx, _, send_head = reference._check_handle(
                 handle, num_tokens, num_ranks
@@ -587,15 +618,25 @@ class Buffer:
             num_channels = recv_channel_prefix_matrix.size(1)
             self._check_nvl_bytes(config, hidden_bytes, num_channels)
             num_out_rows = max(cached_src_idx.size(0), num_worst_tokens)
+            num_topk = 0
+            if cached_topk_local_experts is not None:
+                checks.check_tensor(
+                    "topk_idx", topk_idx, dtype=torch.int64, shape=(num_tokens, None), device=device, contiguous=True
+                )
+                checks.check_tensor(
+                    "topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), device=device,
+                    contiguous=True,
+                )  # fmt: skip
+                num_topk = topk_idx.size(1)
 
             def run_cached() -> tuple:
-                recv_x, recv_scales, _, _ = new_outputs(num_out_rows, 0)
+                recv_x, recv_scales, recv_idx, recv_w = new_outputs(num_out_rows, num_topk)
                 runtime.prepare_rings()
                 runtime.dispatch(
-                    data, scales, None, None, send_head, rank_prefix_matrix, recv_x, recv_scales, None, None, None,
-                    1, num_channels, cap, chunk,
+                    data, scales, topk_idx, topk_weights, send_head, rank_prefix_matrix, recv_x, recv_scales, None,
+                    recv_idx, recv_w, cached_topk_local_experts or 1, num_channels, cap, chunk,
                 )  # fmt: skip
-                return (recv_x if scales is None else (recv_x, recv_scales)), None, None, None, None
+                return (recv_x if scales is None else (recv_x, recv_scales)), recv_idx, recv_w, None, None
 
             return run_cached
 

@@ -773,13 +773,22 @@ class HybridEPBuffer:
                     "topk_weights", topk_weights, dtype=torch.float32, shape=tuple(idx.shape), device=device
                 )
                 weights = topk_weights
-            recv_x = self.buffer.dispatch(x, handle=handle.buffer_handle, config=buffer_config)[0]
             buffer_handle = handle.buffer_handle
             recv_idx = handle.recv_topk_idx
             recv_w = None
+            moved = None
             if weights is not None:
                 weights = torch.where(idx >= 0, weights, torch.zeros_like(weights))
-                recv_w = self._dispatch_weights(weights, buffer_handle, buffer_config)
+                # NOTES: on the NVLink kernels the weights travel with the rows, in one dispatch.
+                moved = self.buffer._cached_dispatch_with_topk(
+                    x, buffer_handle, idx.contiguous(), weights.contiguous(), L, buffer_config
+                )
+            if moved is not None:
+                recv_x, _, recv_w = moved
+            else:
+                recv_x = self.buffer.dispatch(x, handle=buffer_handle, config=buffer_config)[0]
+                if weights is not None:
+                    recv_w = self._dispatch_weights(weights, buffer_handle, buffer_config)
         else:
             idx, weights = self._route(
                 num_tokens, device, topk_idx, topk_weights, num_of_experts, probs, routing_map, non_blocking

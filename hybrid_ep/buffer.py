@@ -398,8 +398,18 @@ class Buffer:
         """A cached dispatch that also moves each token's top-k (HybridEPBuffer's cached dispatch with new weights),
         in one kernel. Collective over the group.
 
-        Returns: (recv_x, recv_topk_idx, recv_topk_weights) as `dispatch` returns them, or None where this Buffer
-        runs the pure-PyTorch reference (whose cached mode moves no top-k; the caller moves them otherwise).
+        Arguments:
+            x: as for `dispatch`: `[num_tokens, hidden]` torch.bfloat16, or (FP8 rows, `[num_tokens, hidden / 128]`
+                torch.float32 scales).
+            handle: the handle of an earlier dispatch with the same routing.
+            topk_idx: `[num_tokens, num_topk]` torch.int64, contiguous, -1 for no expert.
+            topk_weights: `[num_tokens, num_topk]` torch.float32, contiguous.
+            num_local_experts: experts per rank (the received top-k is localised with it).
+            config: a `Config`; default as for `dispatch`.
+        Returns:
+            (recv_x, recv_topk_idx `[num_recv_tokens, num_topk]` torch.int64, recv_topk_weights
+            `[num_recv_tokens, num_topk]` torch.float32) as `dispatch` returns them, or None where this Buffer runs
+            the pure-PyTorch reference (whose cached mode moves no top-k; the caller moves them otherwise).
         """
         self._check_alive()
         if self.runtime is None:

@@ -1,0 +1,43 @@
+// BF16 lanes of 16-byte vectors, summed in fp32: the helpers of every kernel that reduces bfloat16 rows (combine,
+// the copy sum of the permuted layout), so they all round the way torch does.
+// Preconditions: header-only, no torch headers.
+#pragma once
+
+#include <cstdint>
+
+namespace hybrid_ep {
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) {
+    return __uint_as_float(bits << 16);
+}
+
+// Round to nearest even, NaN to 0x7fc0: the rounding of torch's float -> bfloat16 conversion.
+__device__ __forceinline__ uint32_t float_to_bf16_bits(float value) {
+    if (isnan(value))
+        return 0x7fc0u;
+    const uint32_t bits = __float_as_uint(value);
+    return (bits + ((bits >> 16) & 1u) + 0x7fffu) >> 16;
+}
+
+// acc[e] += element e of the eight bfloat16 values in `v`.
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                               static_cast<uint32_t>(v.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc[2 * i] += bf16_bits_to_float(words[i] & 0xffffu);
+        acc[2 * i + 1] += bf16_bits_to_float(words[i] >> 16);
+    }
+}
+
+// Returns: `acc` rounded to eight bfloat16 values.
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+    uint32_t words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        words[i] = float_to_bf16_bits(acc[2 * i]) | (float_to_bf16_bits(acc[2 * i + 1]) << 16);
+    return make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
+                     static_cast<int>(words[3]));
+}
+
+}  // namespace hybrid_ep

@@ -83,6 +83,8 @@ SOURCES = {
         "csrc/runtime/build_info.cpp",
         "csrc/runtime/layout.cpp",
         "csrc/kernels/layout.cu",
+        "csrc/runtime/permute.cpp",
+        "csrc/kernels/permute.cu",
     ],
     # The NVLink runtime of Buffer and its kernels (dispatch and combine to come).
     "intranode": [

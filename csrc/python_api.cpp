@@ -5,12 +5,14 @@
 #include "runtime/buffer.hpp"
 #include "runtime/build_info.hpp"
 #include "runtime/layout.hpp"
+#include "runtime/permute.hpp"
 #include "runtime/topology/topology.hpp"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "hybrid_ep CUDA extension";
     hybrid_ep::build_info::register_apis(m);
     hybrid_ep::layout::register_apis(m);
+    hybrid_ep::permute::register_apis(m);
     hybrid_ep::runtime::register_apis(m);
     hybrid_ep::topology::register_apis(m);
 }

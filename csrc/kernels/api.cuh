@@ -177,4 +177,39 @@ void check_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_l
 // (kernels/intranode/combine.cu), on `stream`. Needs notify_combine just before it on the same stream.
 void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit, cudaStream_t stream);
 
+// Parameters of `gather_rows` (kernels/permute.cu).
+struct GatherRowsParams {
+    const uint8_t* src;     // [num_src_rows, num_row_bytes]
+    uint8_t* out;           // out [num_out_rows, num_row_bytes]
+    const int64_t* row_of;  // [num_out_rows]: the source row of each output row, or < 0 for a zero row
+    int64_t num_src_rows;   // rows of src
+    int64_t num_out_rows;   // rows of out
+    int64_t num_row_bytes;  // bytes of one row
+};
+
+// out[i] = src[row_of[i]], a zero row where row_of[i] < 0, on `stream`. A row_of entry >= num_src_rows stops the
+// kernel with a device assertion.
+// Arguments: params (checked here); num_sms: SM count of the current device (sizes the grid); stream.
+void gather_rows(const GatherRowsParams& params, int num_sms, cudaStream_t stream);
+
+// Most rows one output row of `sum_row_copies` sums: a row has one copy per local expert among its top-k.
+constexpr int kMaxRowCopies = kMaxNumTopk;
+
+// Parameters of `sum_row_copies` (kernels/permute.cu).
+struct SumRowCopiesParams {
+    const void* hidden_rows;   // [num_hidden_rows, hidden] bf16
+    void* out;                 // out [num_rows, hidden] bf16
+    const int64_t* positions;  // [num_rows, num_positions]: rows of hidden_rows to sum, -1 for none
+    int64_t num_hidden_rows;   // rows of hidden_rows
+    int64_t num_rows;          // rows of out and positions
+    int num_positions;         // columns of positions (the local experts)
+    int hidden;                // a positive multiple of 8
+};
+
+// out[r] = the fp32 sum, in ascending column order from +0.0, of the rows positions[r] names (at most kMaxRowCopies),
+// rounded once to bfloat16, on `stream`. A position >= num_hidden_rows, or more than kMaxRowCopies of them in a row,
+// stops the kernel with a device assertion.
+// Arguments: params (checked here); num_sms: SM count of the current device (sizes the grid); stream.
+void sum_row_copies(const SumRowCopiesParams& params, int num_sms, cudaStream_t stream);
+
 }  // namespace hybrid_ep::kernels

@@ -4,7 +4,8 @@ Hybrid-EP sizes its buffer by model shape (hidden size, tokens per rank, local e
 routing map or top-k indices; it can also hand out rows grouped by local expert (`dispatch_with_permute`), ready
 for a grouped GEMM. Here every call runs through one `Buffer` (DeepEP's v1 API) that the HybridEPBuffer owns:
 routing becomes top-k form, `Buffer.get_dispatch_layout` and `Buffer.dispatch` move the rows, `Buffer.combine`
-brings them back, and the expert-major permutation is done with PyTorch operations on the current stream.
+brings them back, and the expert-major permutation runs on the current stream: its index arithmetic as PyTorch
+operations, its row moves as two kernels of the extension (PyTorch operations on CPUs).
 
 Backends are the Buffer's: over an NCCL group with the compiled extension, the NVLink kernels (the NVLink buffer is
 sized from the hidden size and the SM counts); over gloo, or a group that spans several NVLink domains, the
@@ -18,7 +19,7 @@ differs from Hybrid-EP.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ class HybridEpConfigInstance:
         num_of_experts: global experts (E = L * R).
         pad_multiple: expert blocks of `dispatch_with_permute` are padded to a multiple of this (1: no padding).
         use_fp8: whether rows are 1-byte FP8 with float32 scales.
-        fuse_permute_dispatch: as asked; permutation always runs as separate PyTorch operations here.
+        fuse_permute_dispatch: as asked; the permutation always runs after the dispatch here.
         dispatch_config: the `Config` (SMs, chunk and ring sizes) of `Buffer.dispatch`.
         combine_config: the `Config` of `Buffer.combine`.
     """
@@ -130,7 +131,7 @@ class HybridEPBuffer:
             `Buffer.get_dispatch_config` (tuned where a results file exists).
         num_sms_combine_api: SMs of combine, even; None: `Buffer.num_sms`.
         num_sms_preprocessing_api: int >= 1 or None; accepted, no effect (the layout kernel picks its own grid).
-        num_blocks_permute: int >= 1 or None; accepted, no effect (permutation runs as PyTorch operations).
+        num_blocks_permute: int >= 1 or None; accepted, no effect (the permutation kernels size their grids).
         num_blocks_unpermute: int >= 1 or None; accepted, no effect (likewise).
         load_cached_kernels: bool; accepted, no effect (kernels are compiled ahead of time, nothing is JIT-built).
         use_shared_buffer: bool; accepted, no effect (outputs are always fresh tensors).
@@ -447,7 +448,7 @@ class HybridEPBuffer:
                 must skip its own host waits too): num_permuted_tokens is required (or taken from a permute handle
                 of the same pad_multiple), and the dispatch runs with fixed-size outputs of
                 `max_num_of_tokens_per_rank * group_size` rows.
-            fuse_permute_dispatch: bool; accepted, same results (the permutation is separate PyTorch operations).
+            fuse_permute_dispatch: bool; accepted, same results (the permutation runs after the dispatch).
             num_dispatched_tokens: accepted, no effect (an int >= 0 or None).
             use_host_meta: accepted, no effect (a bool or None).
         Returns:
@@ -556,6 +557,11 @@ class HybridEPBuffer:
             extended = torch.cat([probs, probs.new_zeros(1)])
             local_probs = extended.index_select(0, torch.where(missing, num_rows, dense_to_expert).view(-1))
             local_probs = local_probs.view(rows, L)
+        sum_row_copies = _kernel("sum_row_copies", device)
+        if sum_row_copies is not None:
+            # One pass: each row reads only its own copies (about top-k / ranks of them), no gathered copies.
+            unpermuted = sum_row_copies(hidden.contiguous(), dense_to_expert.contiguous())
+            return self._combine(unpermuted, local_probs, handle)
         unpermuted = torch.empty((rows, H), dtype=torch.bfloat16, device=device)
         if rows > 0:
             # Each row's copies, in ascending local expert order, then none: at most min(K, L) of them.
@@ -814,16 +820,29 @@ class HybridEPBuffer:
 
         data, scales = (recv_x[0].view(hidden.dtype), recv_x[1]) if use_fp8 else (recv_x, None)
         rows = data.size(0)
-        # Rows past the valid ones (fixed-size outputs) hold no routing, whatever the Buffer left in them.
-        num_valid = buffer_handle[0][self.group_size - 1, self.rank]
-        valid_row = torch.arange(rows, device=device) < num_valid
-        is_local = valid_row.unsqueeze(1) & (recv_idx >= 0) & (recv_idx < L)
-        recv_idx = torch.where(is_local, recv_idx, -1)
-        slot = _slots(recv_idx, L)
-        local_map = torch.zeros(slot.shape[0], L + slot.shape[1], dtype=torch.bool, device=device)
-        local_map = local_map.scatter_(1, slot, True)[:, :L]
+        if handle is not None and rows == handle.local_expert_routing_map.size(0):
+            # NOTES: a cached dispatch moves the rows of the handle's routing, so its localised indices and map
+            # are the handle's: reused, not rebuilt (a dozen small operations whose launches bound a cached call).
+            recv_idx, local_map, tokens_per_expert = (
+                handle.recv_topk_idx,
+                handle.local_expert_routing_map,
+                handle.tokens_per_expert,
+            )
+            is_local = recv_idx >= 0
+            slot = _slots(recv_idx, L) if recv_w is not None else None
+        else:
+            # Rows past the valid ones (fixed-size outputs) hold no routing, whatever the Buffer left in them.
+            num_valid = buffer_handle[0][self.group_size - 1, self.rank]
+            valid_row = torch.arange(rows, device=device) < num_valid
+            is_local = valid_row.unsqueeze(1) & (recv_idx >= 0) & (recv_idx < L)
+            recv_idx = torch.where(is_local, recv_idx, -1)
+            slot = _slots(recv_idx, L)
+            local_map = torch.zeros(slot.shape[0], L + slot.shape[1], dtype=torch.bool, device=device)
+            local_map = local_map.scatter_(1, slot, True)[:, :L]
+            tokens_per_expert = local_map.sum(0, dtype=torch.int32)
         local_probs = None
         if recv_w is not None:
+            assert slot is not None
             src = torch.where(is_local, recv_w, torch.zeros_like(recv_w))
             local_probs = torch.zeros(slot.shape[0], L + slot.shape[1], dtype=torch.float32, device=device)
             local_probs = local_probs.scatter_(1, slot, src)[:, :L]
@@ -831,7 +850,7 @@ class HybridEPBuffer:
             # The same routing: the same row count, wherever the first dispatch left it.
             num_dispatched = handle.num_dispatched_tokens_tensor
         elif non_blocking:
-            num_dispatched = num_valid.to(torch.int32).reshape(1)
+            num_dispatched = buffer_handle[0][self.group_size - 1, self.rank].to(torch.int32).reshape(1)
         else:
             num_dispatched = torch.tensor([rows], dtype=torch.int32)
         out_handle = HybridEPHandle(
@@ -842,7 +861,7 @@ class HybridEPBuffer:
             local_expert_routing_map=local_map,
             permuted_row_source=None,
             dense_to_expert_map=None,
-            tokens_per_expert=local_map.sum(0, dtype=torch.int32),
+            tokens_per_expert=tokens_per_expert,
             num_of_tokens_per_rank=num_tokens,
             config=config,
             overflow_flag=torch.zeros(1, dtype=torch.int32, device=device),
@@ -878,7 +897,6 @@ class HybridEPBuffer:
         reuse = cached is not None and cached.num_permuted_tokens is not None and cached.config.pad_multiple == pad
         counts = local_map.sum(0, dtype=torch.int64)
         padded = (counts + pad - 1) // pad * pad
-        start = padded.cumsum(0) - padded
         if num_permuted_tokens is not None:
             num_out = num_permuted_tokens
         elif reuse:
@@ -886,24 +904,39 @@ class HybridEPBuffer:
             num_out = cached.num_permuted_tokens
         else:
             num_out = int(padded.sum())
-        # Position of each (row, expert) pair: its block's start plus the pairs of that expert in earlier rows
-        # (scanned along rows of the transpose: a scan over the outer dimension is many times slower).
-        earlier = local_map.t().contiguous().to(torch.int64).cumsum(1).t().contiguous()
-        position = start.unsqueeze(0) + earlier - 1
-        keep = local_map & (position < num_out)
-        dense_to_expert = torch.where(keep, position, -1)
-        pair = torch.arange(rows * L, dtype=torch.int64, device=device)
-        # Pairs that are not placed land past num_out, each in a slot of its own (no two writes share an address).
-        source = torch.full((num_out + rows * L,), -1, dtype=torch.int64, device=device)
-        source.scatter_(0, torch.where(keep.view(-1), position.view(-1), num_out + pair), pair)
-        source = source[:num_out]
-        # Padding rows read an appended zero row (one gather, no masking pass over the output).
-        row_of = torch.where(source < 0, rows, torch.div(source, L, rounding_mode="floor"))
+        # NOTES: a cached dispatch of a permute handle with the same map, padding and size has the handle's
+        # layout: reused, not rebuilt.
+        if (
+            reuse
+            and cached is not None
+            and cached.permuted_row_source is not None
+            and cached.dense_to_expert_map is not None
+            and cached.local_expert_routing_map is local_map
+            and cached.num_permuted_tokens == num_out
+        ):
+            source, dense_to_expert, overflow = (
+                cached.permuted_row_source,
+                cached.dense_to_expert_map,
+                cached.overflow_flag,
+            )
+        else:
+            source, dense_to_expert, overflow = _permuted_layout(local_map, padded, num_out)
+        kernel = _kernel("gather_rows", device)
+        if kernel is not None:
+            # Padding rows (-1) are zero-filled by the kernel: one pass over the output.
+            kernel_row_of = torch.where(source < 0, -1, torch.div(source, L, rounding_mode="floor"))
 
-        def gather_rows(t: torch.Tensor) -> torch.Tensor:
-            moved = t.view(torch.uint8) if t.element_size() == 1 else t
-            extended = torch.cat([moved, moved.new_zeros((1, moved.size(1)))])
-            return extended.index_select(0, row_of).view(t.dtype)
+            def gather_rows(t: torch.Tensor) -> torch.Tensor:
+                return kernel(t.contiguous(), kernel_row_of)
+
+        else:
+            # Padding rows read an appended zero row (one gather, no masking pass over the output).
+            row_of = torch.where(source < 0, rows, torch.div(source, L, rounding_mode="floor"))
+
+            def gather_rows(t: torch.Tensor) -> torch.Tensor:
+                moved = t.view(torch.uint8) if t.element_size() == 1 else t
+                extended = torch.cat([moved, moved.new_zeros((1, moved.size(1)))])
+                return extended.index_select(0, row_of).view(t.dtype)
 
         data = gather_rows(out.data)
         scales = gather_rows(out.scales) if out.scales is not None else None
@@ -911,7 +944,6 @@ class HybridEPBuffer:
         if out.local_probs is not None:
             extended = torch.cat([out.local_probs.reshape(-1), out.local_probs.new_zeros(1)])
             probs = extended.index_select(0, torch.where(source < 0, rows * L, source))
-        overflow = (padded.sum() > num_out).to(torch.int32).reshape(1)
         if non_blocking:
             tokens_per_expert = padded
         elif reuse and cached is not None and cached.padded_tokens_per_expert is not None:
@@ -949,6 +981,43 @@ class HybridEPBuffer:
         combined_probs = torch.zeros((idx.size(0), E + idx.size(1)), dtype=torch.float32, device=combined_w.device)
         combined_probs.scatter_(1, _slots(idx, E), combined_w)
         return combined, combined_probs[:, :E]
+
+
+def _permuted_layout(
+    local_map: torch.Tensor, padded: torch.Tensor, num_out: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The expert-major layout of `local_map` `[rows, L]` torch.bool with blocks of `padded` `[L]` torch.int64 rows,
+    cut at `num_out` rows. No host synchronisation.
+
+    Returns:
+        source: `[num_out]` torch.int64, `m * L + j` for the row that holds row m for expert j, -1 on padding.
+        dense_to_expert: `[rows, L]` torch.int64, the row of (m, j), -1 where m does not go to j or was dropped.
+        overflow: `[1]` torch.int32, 1 when the blocks need more than num_out rows, else 0.
+    """
+    rows, L = local_map.shape
+    device = local_map.device
+    start = padded.cumsum(0) - padded
+    # Position of each (row, expert) pair: its block's start plus the pairs of that expert in earlier rows
+    # (scanned along rows of the transpose: a scan over the outer dimension is many times slower).
+    earlier = local_map.t().contiguous().to(torch.int64).cumsum(1).t().contiguous()
+    position = start.unsqueeze(0) + earlier - 1
+    keep = local_map & (position < num_out)
+    dense_to_expert = torch.where(keep, position, -1)
+    pair = torch.arange(rows * L, dtype=torch.int64, device=device)
+    # Pairs that are not placed land past num_out, each in a slot of its own (no two writes share an address).
+    source = torch.full((num_out + rows * L,), -1, dtype=torch.int64, device=device)
+    source.scatter_(0, torch.where(keep.view(-1), position.view(-1), num_out + pair), pair)
+    source = source[:num_out]
+    overflow = (padded.sum() > num_out).to(torch.int32).reshape(1)
+    return source, dense_to_expert, overflow
+
+
+def _kernel(name: str, device: torch.device) -> Optional[Callable[..., torch.Tensor]]:
+    """Returns: the extension's row mover `name` for tensors on `device`, or None where torch ops serve instead (CPU
+    tensors, or an extension built without it)."""
+    if device.type != "cuda" or not _ext.has_extension():
+        return None
+    return getattr(_ext.require_extension("the permuted layout"), name, None)
 
 
 def _check_bool(name: str, value: Any) -> bool:

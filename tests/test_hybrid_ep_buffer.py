@@ -307,9 +307,15 @@ def run_checks(pg: ProcessGroupInfo) -> None:
     # Cached, non-blocking: num_permuted_tokens and pad_multiple from the handle.
     token, pprobs, _, _, again = buffer.dispatch_with_permute(hidden=x, probs=probs, handle=larger, non_blocking=True)
     assert again.num_permuted_tokens == larger.num_permuted_tokens and again.config.pad_multiple == PADS[-1]
+    # The same routing and size: the layout is reused, not rebuilt.
+    assert again.dense_to_expert_map is larger.dense_to_expert_map
     order, _ = want_layout(want, PADS[-1], larger.num_permuted_tokens)
     want_tokens, _, _, want_pprobs = permuted(want, order)
     assert torch.equal(token.cpu(), want_tokens) and torch.equal(pprobs.cpu(), want_pprobs)
+    # The cached call's handle holds the same layout: unpermuting through it gives what the first one gives.
+    combined, combined_probs = buffer.combine_with_unpermute(hidden=token, probs=pprobs, handle=again)
+    want_combined, want_combined_probs = buffer.combine_with_unpermute(hidden=token, probs=pprobs, handle=larger)
+    assert torch.equal(combined, want_combined) and torch.equal(combined_probs, want_combined_probs)
 
     # FP8 through the BF16 buffer's permuted form (use_fp8 per call).
     x8, scales_in = inp.x_fp8[me].view(torch.uint8), inp.scales[me]

@@ -829,7 +829,7 @@ class HybridEPBuffer:
                 handle.tokens_per_expert,
             )
             is_local = recv_idx >= 0
-            slot = _slots(recv_idx, L) if recv_w is not None else None
+            slot = None
         else:
             # Rows past the valid ones (fixed-size outputs) hold no routing, whatever the Buffer left in them.
             num_valid = buffer_handle[0][self.group_size - 1, self.rank]
@@ -842,7 +842,7 @@ class HybridEPBuffer:
             tokens_per_expert = local_map.sum(0, dtype=torch.int32)
         local_probs = None
         if recv_w is not None:
-            assert slot is not None
+            slot = _slots(recv_idx, L) if slot is None else slot
             src = torch.where(is_local, recv_w, torch.zeros_like(recv_w))
             local_probs = torch.zeros(slot.shape[0], L + slot.shape[1], dtype=torch.float32, device=device)
             local_probs = local_probs.scatter_(1, slot, src)[:, :L]
@@ -1015,9 +1015,7 @@ def _permuted_layout(
 def _kernel(name: str, device: torch.device) -> Optional[Callable[..., torch.Tensor]]:
     """Returns: the extension's row mover `name` for tensors on `device`, or None where torch ops serve instead (CPU
     tensors, or an extension built without it)."""
-    if device.type != "cuda" or not _ext.has_extension():
-        return None
-    return getattr(_ext.require_extension("the permuted layout"), name, None)
+    return getattr(_ext._C, name, None) if device.type == "cuda" and _ext.has_extension() else None
 
 
 def _check_bool(name: str, value: Any) -> bool:

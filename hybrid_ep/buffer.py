@@ -556,7 +556,9 @@ class Buffer:
         """Allocates this rank's NVLink buffer, exchanges CUDA IPC handles over the group, maps the peers' buffers
         and runs one device-side barrier, which proves every mapping works."""
         ext = _ext.require_extension("the NVLink buffer")
-        self.runtime = ext.NvlRuntime(self.rank, self.group_size, self.num_nvl_bytes, envs.timeout_secs())
+        self.runtime = ext.NvlRuntime(
+            self.rank, self.group_size, self.num_nvl_bytes, envs.timeout_secs(), envs.output_arena_bytes()
+        )
         handles: list[Any] = [None] * self.group_size
         dist.all_gather_object(handles, self.runtime.ipc_handle(), group=self.group)
         self.runtime.open_peers(handles)
@@ -602,7 +604,13 @@ class Buffer:
         hidden_bytes = hidden * max(data.element_size(), 2)
         cap, chunk = config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens
 
-        def new_outputs(num_rows: int, num_topk: int) -> tuple:
+        def new_outputs(num_rows: int, num_topk: int, with_src_idx: bool = False) -> tuple:
+            # In the output arena where there is room (the peers then write the rows directly), else fresh tensors.
+            num_scales = scales.size(1) if scales is not None else 0
+            outputs = runtime.dispatch_outputs(num_rows, data.dtype, hidden, num_scales, num_topk, with_src_idx)
+            if outputs is not None:
+                recv_x, recv_scales, recv_idx, recv_w, recv_src_idx = outputs
+                return (recv_x, recv_scales, recv_idx, recv_w) + ((recv_src_idx,) if with_src_idx else ())
             recv_x = torch.empty((num_rows, hidden), dtype=data.dtype, device=device)
             recv_scales = None
             if scales is not None:
@@ -611,6 +619,9 @@ class Buffer:
             if num_topk > 0:
                 recv_idx = torch.empty((num_rows, num_topk), dtype=torch.int64, device=device)
                 recv_w = torch.empty((num_rows, num_topk), dtype=torch.float32, device=device)
+            if with_src_idx:
+                recv_src_idx = torch.empty((num_rows,), dtype=torch.int32, device=device)
+                return recv_x, recv_scales, recv_idx, recv_w, recv_src_idx
             return recv_x, recv_scales, recv_idx, recv_w
 
         if handle is not None:
@@ -692,8 +703,7 @@ class Buffer:
                         f"{overflow_rows} tokens that rank receives"
                     )
                 num_out_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
-            recv_x, recv_scales, recv_idx, recv_w = new_outputs(num_out_rows, num_topk)
-            recv_src_idx = torch.empty((num_out_rows,), dtype=torch.int32, device=device)
+            recv_x, recv_scales, recv_idx, recv_w, recv_src_idx = new_outputs(num_out_rows, num_topk, True)
             runtime.dispatch(
                 data, scales, topk_idx, topk_weights, send_head, rpm, recv_x, recv_scales, recv_src_idx, recv_idx,
                 recv_w, num_local_experts, num_channels, cap, chunk,

@@ -57,6 +57,14 @@ def timeout_secs() -> float:
     return value
 
 
+def output_arena_bytes() -> int:
+    """HYBRID_EP_OUTPUT_ARENA_BYTES (default 1 GiB; 0 for none): bytes of device memory per rank, mapped by the
+    NVLink peers, from which dispatch takes its output tensors so that the senders write rows straight into them.
+    A dispatch whose outputs do not fit (the memory is held by earlier outputs still alive) receives through the
+    rings as without an arena, which costs the receiving SMs a copy of every row."""
+    return env_int("HYBRID_EP_OUTPUT_ARENA_BYTES", 1 << 30, minimum=0)
+
+
 def num_nvl_ranks() -> int | None:
     """HYBRID_EP_NUM_NVL_RANKS (default unset): ranks per NVLink domain for `Buffer` (`Buffer.num_nvl_ranks`),
     instead of what the NVML topology says. Returns: the value (a positive integer), or None when unset or empty."""

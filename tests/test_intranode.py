@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import random
 import re
 import time
@@ -271,6 +272,66 @@ def run_sweep(pg: ProcessGroupInfo, small: bool) -> None:
 @pytest.mark.parametrize("world_size", GPU_COUNTS)
 def test_sweep(world_size: int) -> None:
     parallel_launch(world_size, run_sweep, False, backend="nccl")
+
+
+# Without an output arena every rank receives through its rings; with one too small for most outputs on rank 0
+# (and the default elsewhere), rank 0 receives large calls through its rings while its peers take rows directly.
+ARENA_LAYOUTS = {"none": lambda rank: 0, "mixed": lambda rank: 1 << 20 if rank == 0 else None}
+
+
+def run_sweep_with_arena(pg: ProcessGroupInfo, layout: str) -> None:
+    arena_bytes = ARENA_LAYOUTS[layout](pg.rank)
+    if arena_bytes is not None:
+        os.environ["HYBRID_EP_OUTPUT_ARENA_BYTES"] = str(arena_bytes)
+    run_sweep(pg, False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", sorted(ARENA_LAYOUTS))
+@pytest.mark.parametrize("world_size", GPU_COUNTS)
+def test_sweep_receiving_through_rings(world_size: int, layout: str) -> None:
+    parallel_launch(world_size, run_sweep_with_arena, layout, backend="nccl")
+
+
+def run_arena_outputs(pg: ProcessGroupInfo) -> None:
+    """Dispatch outputs come from the output arena, give their memory back when they die, and stay valid after
+    the Buffer is destroyed, as torch.empty tensors would."""
+    R, me, device = pg.world_size, pg.rank, pg.device
+    s = Scenario("arena", [512] * R, 2048, 8 * R, 4, seed=77)
+    inp = make_inputs(s, R, device)
+    exp = expected_dispatch(s, inp, me, R, Config(8, 8, 256).num_channels)
+    buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=Config(8, 8, 256).get_nvl_buffer_size_hint(4096, R),
+                              explicitly_destroy=True)  # fmt: skip
+    runtime = buffer.runtime
+    assert runtime.num_arena_bytes == 1 << 30 and runtime.num_arena_used_bytes == 0
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
+    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                  topk_idx=inp.topk_idx[me], topk_weights=inp.topk_weights[me], config=Config(8, 8, 256))  # fmt: skip
+    recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(inp.x[me], **kwargs)
+    m = exp.num_recv_tokens
+    # recv_x, recv_topk_idx, recv_topk_weights and the handle's recv_src_idx, each a 4 KiB-aligned block.
+    parts = (m * 2048 * 2, m * 4 * 8, m * 4 * 4, m * 4)
+    used = runtime.num_arena_used_bytes
+    assert used == sum(-(-p // 4096) * 4096 for p in parts), (used, m)
+    # A second dispatch while the first outputs live takes other blocks, and gives the same rows.
+    again = buffer.dispatch(inp.x[me], **kwargs)
+    assert runtime.num_arena_used_bytes == 2 * used
+    check("[arena] second dispatch recv_x", again[0], exp.recv_x)
+    assert again[0].data_ptr() != recv_x.data_ptr()
+    del again
+    assert runtime.num_arena_used_bytes == used
+    del recv_idx, recv_w
+    assert runtime.num_arena_used_bytes == used - sum(-(-p // 4096) * 4096 for p in parts[1:3])
+    buffer.destroy()
+    # Outputs outlive the Buffer (the arena's memory goes with the last of them).
+    check("[arena] recv_x after destroy", recv_x, exp.recv_x)
+    check("[arena] handle recv_src_idx after destroy", handle[3], exp.recv_src_idx)
+
+
+@needs_kernels
+@pytest.mark.parametrize("world_size", GPU_COUNTS)
+def test_arena_outputs_lifetime(world_size: int) -> None:
+    parallel_launch(world_size, run_arena_outputs, backend="nccl")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 //
 //   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | pad to 128 B ]
 //   [ notify slots: int[kNumMaxNvlRanks][kNumNotifySlotInts] | pad to 128 B ]
-//   [ ring tails, heads: each int[kNumMaxRings][kNumMaxNvlRanks] | work claims: int[32] | pad to 128 B ]
+//   [ ring tails, heads: each int[kNumMaxRings][kNumMaxNvlRanks] | work claims: int[32] |
+//     output record: int64 offsets[kNumDispatchOutputs], int tag | pad to 128 B ]
 //   [ data: num_nvl_bytes ]
 //
 // Notify slot s of rank r's buffer is written by source rank s: its token count to every rank (kNumMaxNvlRanks ints),
@@ -16,6 +17,11 @@
 // rows out and advances heads[b][r] of s's buffer. The work claims count the parts of a call's work this rank's
 // blocks have taken (kernels/intranode/dispatch.cu). Every rank zeroes its own counters at the start of each call,
 // between two synchronisations with its peers (device/nvl_barrier.cuh reset_ring_counters).
+//
+// The output record says where a dispatch may write this rank's outputs directly: the offset of each output
+// (DispatchOutput below) in the rank's output arena, -1 for one the call does not have, or -1 for recv_x where rows
+// go through the rings; then the barrier epoch of the call it belongs to (its tag, written last). Only the owner
+// writes it, once per dispatch.
 //
 // Barrier protocol: in barrier number e (1, 2, ...), rank r adds 1 to signals[r] in every rank's buffer (its own
 // included), then waits until its own signals[p] >= e for every p. The epoch, the count of barriers this rank has
@@ -52,9 +58,13 @@ constexpr int kSlotEpochOffset = kSlotNumTokensOffset + 1;
 constexpr int kSlotWorstOffset = kSlotEpochOffset + 1;
 constexpr int kNumNotifySlotInts = kSlotWorstOffset + 2;
 
+// The outputs of a dispatch that senders may write directly (zero copy), each a block of the receiver's output arena.
+enum DispatchOutput { kOutX = 0, kOutScales, kOutTopkIdx, kOutTopkWeights, kOutSrcIdx, kNumDispatchOutputs };
+
 struct NvlBufferLayout {
     static constexpr size_t kAlignment = 128;
     static constexpr int kNumClaims = 32;
+    static constexpr int kNumRecordOffsets = kNumDispatchOutputs;
 
     size_t num_data_bytes;  // bytes the caller asked for (Buffer's num_nvl_bytes)
 
@@ -73,7 +83,10 @@ struct NvlBufferLayout {
     HEP_HOST_DEVICE static constexpr size_t claims_offset() {
         return heads_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
     }
-    HEP_HOST_DEVICE static constexpr size_t data_offset() { return align(claims_offset() + sizeof(int) * kNumClaims); }
+    HEP_HOST_DEVICE static constexpr size_t record_offset() { return claims_offset() + sizeof(int) * kNumClaims; }
+    HEP_HOST_DEVICE static constexpr size_t data_offset() {
+        return align(record_offset() + sizeof(int64_t) * kNumRecordOffsets + sizeof(int));
+    }
     HEP_HOST_DEVICE size_t num_total_bytes() const { return data_offset() + num_data_bytes; }
 
     // [kNumMaxNvlRanks] barrier signals of the buffer starting at `base`.
@@ -101,6 +114,14 @@ struct NvlBufferLayout {
     // Work claim counter `i` (< kNumClaims) of the buffer starting at `base`, read and advanced by its owner's blocks.
     HEP_HOST_DEVICE static int* claim(void* base, int i) {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + claims_offset()) + i;
+    }
+    // The output record of the buffer starting at `base`: offsets (int64[kNumRecordOffsets]), then the tag (int).
+    HEP_HOST_DEVICE static int64_t* record_offsets(void* base) {
+        return reinterpret_cast<int64_t*>(static_cast<uint8_t*>(base) + record_offset());
+    }
+    HEP_HOST_DEVICE static int* record_tag(void* base) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + record_offset() +
+                                      sizeof(int64_t) * kNumRecordOffsets);
     }
     // Start of the data region of the buffer starting at `base`.
     HEP_HOST_DEVICE static uint8_t* data(void* base) { return static_cast<uint8_t*>(base) + data_offset(); }

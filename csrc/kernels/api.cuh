@@ -109,33 +109,37 @@ static_assert(kNumMaxKernelRanks <= kNumMaxRingRanks, "ring metadata carries a r
 
 // Parameters of `intranode_dispatch` (kernels/intranode/dispatch.cu).
 struct DispatchParams {
-    void* buffer_ptrs[kNumMaxNvlRanks];  // [num_ranks] NVLink buffer base of each rank
-    int rank;                            // this rank
-    int num_ranks;                       // ranks of the NVLink domain, 1..kNumMaxKernelRanks
-    int64_t num_timeout_cycles;          // bound of every wait on a peer
-    const void* x;                       // [num_tokens, num_x_bytes] rows to send
-    const float* x_scales;               // [num_tokens, num_scales] at the strides below, or nullptr (BF16)
-    int64_t scale_token_stride;          // elements between the scales of consecutive tokens
-    int64_t scale_hidden_stride;         // elements between consecutive scales of one token
-    const int64_t* topk_idx;             // [num_tokens, num_topk] or nullptr (cached mode, no top-k)
-    const float* topk_weights;           // [num_tokens, num_topk] or nullptr
-    const int* send_head;                // [num_tokens, num_ranks]: receive row of token t at rank j, or -1
-    const int* rank_prefix_matrix;       // [num_ranks, num_ranks]: the receive count is entry [num_ranks - 1][rank]
-    void* recv_x;                        // out [num_out_rows, num_x_bytes]
-    float* recv_scales;                  // out [num_out_rows, num_scales], or nullptr
-    int* recv_src_idx;                   // out [num_out_rows], or nullptr (cached mode)
-    int64_t* recv_topk_idx;              // out [num_out_rows, num_topk], or nullptr
-    float* recv_topk_weights;            // out [num_out_rows, num_topk], or nullptr
-    int num_tokens;                      // rows of x
-    int num_x_bytes;                     // bytes of one row of x, a multiple of 16
-    int num_scales;                      // scales per row, 0 for BF16
-    int num_topk;                        // columns of topk_idx, 0 without top-k
-    int num_local_experts;               // experts per rank (localises top-k indices)
-    int num_out_rows;                    // rows of the outputs: received rows first, then zero padding
-    int num_channels;                    // channels of the handle; the kernel runs 2 blocks per channel
-    int num_ring_slots;                  // rows per ring (Config.num_max_nvl_chunked_recv_tokens)
-    int num_chunk_tokens;                // a sender publishes its progress every this many tokens
-    int num_claim_tokens;                // tokens a sender takes per claim of work; set by intranode_dispatch
+    void* buffer_ptrs[kNumMaxNvlRanks];    // [num_ranks] NVLink buffer base of each rank
+    int rank;                              // this rank
+    int num_ranks;                         // ranks of the NVLink domain, 1..kNumMaxKernelRanks
+    int64_t num_timeout_cycles;            // bound of every wait on a peer
+    const void* x;                         // [num_tokens, num_x_bytes] rows to send
+    const float* x_scales;                 // [num_tokens, num_scales] at the strides below, or nullptr (BF16)
+    int64_t scale_token_stride;            // elements between the scales of consecutive tokens
+    int64_t scale_hidden_stride;           // elements between consecutive scales of one token
+    const int64_t* topk_idx;               // [num_tokens, num_topk] or nullptr (cached mode, no top-k)
+    const float* topk_weights;             // [num_tokens, num_topk] or nullptr
+    const int* send_head;                  // [num_tokens, num_ranks]: receive row of token t at rank j, or -1
+    const int* rank_prefix_matrix;         // [num_ranks, num_ranks]: the receive count is entry [num_ranks - 1][rank]
+    void* recv_x;                          // out [num_out_rows, num_x_bytes]
+    float* recv_scales;                    // out [num_out_rows, num_scales], or nullptr
+    int* recv_src_idx;                     // out [num_out_rows], or nullptr (cached mode)
+    int64_t* recv_topk_idx;                // out [num_out_rows, num_topk], or nullptr
+    float* recv_topk_weights;              // out [num_out_rows, num_topk], or nullptr
+    int num_tokens;                        // rows of x
+    int num_x_bytes;                       // bytes of one row of x, a multiple of 16
+    int num_scales;                        // scales per row, 0 for BF16
+    int num_topk;                          // columns of topk_idx, 0 without top-k
+    int num_local_experts;                 // experts per rank (localises top-k indices)
+    int num_out_rows;                      // rows of the outputs: received rows first, then zero padding
+    int num_channels;                      // channels of the handle; the kernel runs 2 blocks per channel
+    int num_ring_slots;                    // rows per ring (Config.num_max_nvl_chunked_recv_tokens)
+    int num_chunk_tokens;                  // a sender publishes its progress every this many tokens
+    int num_claim_tokens;                  // tokens a sender takes per claim of work; set by intranode_dispatch
+    void* arena_ptrs[kNumMaxKernelRanks];  // [num_ranks] output arena of each rank (peer mappings), or nullptr
+    // Offsets of the outputs above in this rank's arena (device/layout.cuh DispatchOutput; -1 for absent ones), where
+    // peers write them directly; out_offsets[kOutX] == -1: they come through the rings.
+    int64_t out_offsets[kNumDispatchOutputs];
 };
 
 // Moves every row of x to the ranks `send_head` names (kernels/intranode/dispatch.cu), on `stream`. Needs the

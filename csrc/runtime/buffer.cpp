@@ -28,9 +28,104 @@ int64_t timeout_cycles(int device_idx, double timeout_secs) {
     return static_cast<int64_t>(timeout_secs * clock_khz * 1e3);
 }
 
+// Blocks of the output arena start on this boundary.
+constexpr size_t kArenaAlignment = 4096;
+
 }  // namespace
 
-NvlRuntime::NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_secs)
+OutputArena::OutputArena(int device_idx, size_t num_bytes) : device_idx_(device_idx), num_bytes_(num_bytes) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    const cudaError_t status = cudaMalloc(&base_, num_bytes_);
+    if (status != cudaSuccess) {
+        (void)cudaGetLastError();
+        HEP_CHECK(false, "cannot allocate the output arena of ", num_bytes_, " bytes on cuda:", device_idx_, " (",
+                  cudaGetErrorString(status), "); set HYBRID_EP_OUTPUT_ARENA_BYTES lower, or 0 for none");
+    }
+    free_.emplace(0, FreeBlock{num_bytes_, {}});
+}
+
+OutputArena::~OutputArena() {
+    // NOTES: the last block may die at interpreter exit, after CUDA is gone; a destructor must not throw.
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    free_.clear();
+    (void)cudaFree(base_);
+    (void)cudaGetLastError();
+}
+
+int64_t OutputArena::allocate(size_t num_bytes, cudaStream_t stream) {
+    num_bytes = (num_bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second.num_bytes < num_bytes)
+            continue;
+        const size_t offset = it->first;
+        FreeBlock block = std::move(it->second);
+        free_.erase(it);
+        // The rest stays free and keeps its events: its memory may have been freed by the same users.
+        if (block.num_bytes > num_bytes)
+            free_.emplace(offset + num_bytes, FreeBlock{block.num_bytes - num_bytes, block.events});
+        for (const auto& event : block.events)
+            CUDA_CHECK(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(event.get()), 0));
+        num_used_bytes_ += num_bytes;
+        return static_cast<int64_t>(offset);
+    }
+    return -1;
+}
+
+void OutputArena::release(int64_t offset, size_t num_bytes) noexcept {
+    num_bytes = (num_bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    std::shared_ptr<void> event;
+    try {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+        cudaEvent_t raw = nullptr;
+        if (cudaEventCreateWithFlags(&raw, cudaEventDisableTiming) == cudaSuccess) {
+            event.reset(raw, [](void* e) { (void)cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
+            const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_idx_));
+            if (cudaEventRecord(raw, stream) != cudaSuccess)
+                event.reset();
+        }
+        (void)cudaGetLastError();
+    } catch (...) {
+        event.reset();
+    }
+    const std::lock_guard<std::mutex> lock(mutex_);
+    num_used_bytes_ -= num_bytes;
+    FreeBlock block{num_bytes, {}};
+    if (event)
+        block.events.push_back(event);
+    size_t start = static_cast<size_t>(offset);
+    // Merge with the free neighbours, keeping every event the merged memory waits for.
+    auto next = free_.lower_bound(start);
+    if (next != free_.end() && next->first == start + block.num_bytes) {
+        block.num_bytes += next->second.num_bytes;
+        block.events.insert(block.events.end(), next->second.events.begin(), next->second.events.end());
+        next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+        auto prev = std::prev(next);
+        if (prev->first + prev->second.num_bytes == start) {
+            start = prev->first;
+            block.num_bytes += prev->second.num_bytes;
+            block.events.insert(block.events.end(), prev->second.events.begin(), prev->second.events.end());
+            free_.erase(prev);
+        }
+    }
+    // NOTES: once a block's events have all completed it needs none of them; dropping those keeps lists short.
+    std::vector<std::shared_ptr<void>> pending;
+    for (auto& e : block.events)
+        if (cudaEventQuery(static_cast<cudaEvent_t>(e.get())) == cudaErrorNotReady)
+            pending.push_back(std::move(e));
+    (void)cudaGetLastError();
+    block.events = std::move(pending);
+    free_.emplace(start, std::move(block));
+}
+
+size_t OutputArena::num_used_bytes() const {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return num_used_bytes_;
+}
+
+NvlRuntime::NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_secs, int64_t num_arena_bytes)
     : rank_(rank), num_ranks_(num_ranks), layout_{static_cast<size_t>(num_nvl_bytes)} {
     HEP_CHECK(num_ranks >= 1 && num_ranks <= kNumMaxNvlRanks, "num_ranks must be in [1, ", kNumMaxNvlRanks,
               "] for one NVLink domain, got ", num_ranks);
@@ -47,9 +142,14 @@ NvlRuntime::NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double ti
     CUDA_CHECK(cudaMalloc(&local_ptr_, layout_.num_total_bytes()));
     // NOTES: zeroed once; barrier signals and epochs only grow from here (device/layout.cuh).
     CUDA_CHECK(cudaMemset(local_ptr_, 0, layout_.num_total_bytes()));
+    HEP_CHECK(num_arena_bytes >= 0, "num_arena_bytes must be non-negative, got ", num_arena_bytes);
+    if (num_arena_bytes > 0)
+        arena_ = std::make_shared<OutputArena>(device_idx_, static_cast<size_t>(num_arena_bytes));
     CUDA_CHECK(cudaDeviceSynchronize());
     buffer_ptrs_.assign(num_ranks, nullptr);
     buffer_ptrs_[rank] = local_ptr_;
+    arena_ptrs_.assign(num_ranks, nullptr);
+    arena_ptrs_[rank] = arena_ ? arena_->base() : nullptr;
 }
 
 NvlRuntime::~NvlRuntime() {
@@ -59,6 +159,9 @@ NvlRuntime::~NvlRuntime() {
     for (int p = 0; p < num_ranks_; ++p)
         if (p != rank_ && buffer_ptrs_.size() > static_cast<size_t>(p) && buffer_ptrs_[p] != nullptr)
             (void)cudaIpcCloseMemHandle(buffer_ptrs_[p]);
+    for (int p = 0; p < num_ranks_; ++p)
+        if (p != rank_ && arena_ptrs_.size() > static_cast<size_t>(p) && arena_ptrs_[p] != nullptr)
+            (void)cudaIpcCloseMemHandle(arena_ptrs_[p]);
     if (local_ptr_ != nullptr)
         (void)cudaFree(local_ptr_);
     if (host_recv_counts_ != nullptr)
@@ -72,9 +175,11 @@ void NvlRuntime::check_alive(const char* what) const {
 
 pybind11::bytes NvlRuntime::ipc_handle() const {
     check_alive("ipc_handle");
-    cudaIpcMemHandle_t handle;
-    CUDA_CHECK(cudaIpcGetMemHandle(&handle, local_ptr_));
-    return pybind11::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+    cudaIpcMemHandle_t handles[2];
+    CUDA_CHECK(cudaIpcGetMemHandle(&handles[0], local_ptr_));
+    if (arena_)
+        CUDA_CHECK(cudaIpcGetMemHandle(&handles[1], arena_->base()));
+    return pybind11::bytes(reinterpret_cast<const char*>(handles), (arena_ ? 2 : 1) * sizeof(cudaIpcMemHandle_t));
 }
 
 void NvlRuntime::open_peers(const std::vector<std::string>& handles) {
@@ -86,13 +191,21 @@ void NvlRuntime::open_peers(const std::vector<std::string>& handles) {
     for (int p = 0; p < num_ranks_; ++p) {
         if (p == rank_)
             continue;
-        HEP_CHECK(handles[p].size() == sizeof(cudaIpcMemHandle_t), "open_peers: handle of rank ", p, " has ",
-                  handles[p].size(), " bytes, expected ", sizeof(cudaIpcMemHandle_t));
+        const size_t size = handles[p].size();
+        HEP_CHECK(size == sizeof(cudaIpcMemHandle_t) || size == 2 * sizeof(cudaIpcMemHandle_t),
+                  "open_peers: handle of rank ", p, " has ", size, " bytes, expected ", sizeof(cudaIpcMemHandle_t),
+                  " or ", 2 * sizeof(cudaIpcMemHandle_t));
         cudaIpcMemHandle_t handle;
         std::memcpy(&handle, handles[p].data(), sizeof(handle));
-        const cudaError_t status = cudaIpcOpenMemHandle(&buffer_ptrs_[p], handle, cudaIpcMemLazyEnablePeerAccess);
+        cudaError_t status = cudaIpcOpenMemHandle(&buffer_ptrs_[p], handle, cudaIpcMemLazyEnablePeerAccess);
         HEP_CHECK(status == cudaSuccess, "open_peers: cannot map the NVLink buffer of rank ", p, " into rank ", rank_,
                   " (", cudaGetErrorString(status), "); are both GPUs on one host with peer access?");
+        if (size == 2 * sizeof(cudaIpcMemHandle_t)) {
+            std::memcpy(&handle, handles[p].data() + sizeof(handle), sizeof(handle));
+            status = cudaIpcOpenMemHandle(&arena_ptrs_[p], handle, cudaIpcMemLazyEnablePeerAccess);
+            HEP_CHECK(status == cudaSuccess, "open_peers: cannot map the output arena of rank ", p, " into rank ",
+                      rank_, " (", cudaGetErrorString(status), ")");
+        }
     }
     peers_open_ = true;
 }
@@ -206,6 +319,61 @@ T* optional_ptr(const std::optional<at::Tensor>& t) {
 
 }  // namespace
 
+std::optional<std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                         std::optional<at::Tensor>>>
+NvlRuntime::dispatch_outputs(int64_t num_rows, at::ScalarType dtype, int64_t hidden, int64_t num_scales,
+                             int64_t num_topk, bool with_src_idx) {
+    HEP_CHECK(num_rows >= 0 && hidden > 0 && num_scales >= 0 && num_topk >= 0,
+              "dispatch_outputs: num_rows, num_scales and num_topk must be non-negative and hidden positive");
+    if (!arena_ || !peers_open_ || num_rows == 0)
+        return std::nullopt;
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone)
+        return std::nullopt;
+    // Each output is a block of its own, given back when its tensor dies (as torch.empty would free it): the
+    // handle keeps recv_src_idx long after recv_x is gone.
+    struct Block {
+        std::shared_ptr<OutputArena> arena;
+        size_t num_bytes;
+        int64_t offset;
+        Block(std::shared_ptr<OutputArena> a, size_t n, cudaStream_t stream)
+            : arena(std::move(a)), num_bytes(n), offset(arena->allocate(n, stream)) {}
+        Block(const Block&) = delete;
+        Block& operator=(const Block&) = delete;
+        ~Block() {
+            if (offset >= 0)
+                arena->release(offset, num_bytes);
+        }
+    };
+    std::vector<std::shared_ptr<Block>> blocks;
+    const auto take = [&](std::vector<int64_t> sizes, at::ScalarType part_dtype) -> std::optional<at::Tensor> {
+        int64_t num_bytes = static_cast<int64_t>(c10::elementSize(part_dtype));
+        for (const int64_t size : sizes)
+            num_bytes *= size;
+        auto block = std::make_shared<Block>(arena_, static_cast<size_t>(num_bytes), stream);
+        if (block->offset < 0)
+            return std::nullopt;
+        blocks.push_back(block);
+        const auto options = at::TensorOptions().dtype(part_dtype).device(at::kCUDA, device_idx_);
+        return at::from_blob(static_cast<uint8_t*>(arena_->base()) + block->offset, sizes, [block](void*) {}, options);
+    };
+    // NOTES: a failed allocation gives back the blocks taken before it, when `blocks` and the tensors go.
+    std::optional<at::Tensor> recv_x = take({num_rows, hidden}, dtype), scales, topk_idx, topk_weights, src_idx;
+    if (!recv_x.has_value())
+        return std::nullopt;
+    if (num_scales > 0 && !(scales = take({num_rows, num_scales}, at::kFloat)).has_value())
+        return std::nullopt;
+    if (num_topk > 0 && (!(topk_idx = take({num_rows, num_topk}, at::kLong)).has_value() ||
+                         !(topk_weights = take({num_rows, num_topk}, at::kFloat)).has_value()))
+        return std::nullopt;
+    if (with_src_idx && !(src_idx = take({num_rows}, at::kInt)).has_value())
+        return std::nullopt;
+    return std::make_tuple(*recv_x, scales, topk_idx, topk_weights, src_idx);
+}
+
 void NvlRuntime::dispatch(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                           const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
                           const at::Tensor& send_head, const at::Tensor& rank_prefix_matrix, const at::Tensor& recv_x,
@@ -277,6 +445,34 @@ void NvlRuntime::dispatch(const at::Tensor& x, const std::optional<at::Tensor>& 
     params.num_channels = static_cast<int>(num_channels);
     params.num_ring_slots = static_cast<int>(num_ring_slots);
     params.num_chunk_tokens = static_cast<int>(num_chunk_tokens);
+    for (int p = 0; p < num_ranks_ && p < kernels::kNumMaxKernelRanks; ++p)
+        params.arena_ptrs[p] = arena_ptrs_[p];
+    // Peers write the outputs directly only where every one of them lies in the arena (dispatch_outputs).
+    for (int i = 0; i < kNumDispatchOutputs; ++i)
+        params.out_offsets[i] = -1;
+    if (arena_ && num_out_rows > 0) {
+        const auto* arena_base = static_cast<const uint8_t*>(arena_->base());
+        const auto offset_of = [&](const void* ptr, int64_t num_bytes) -> int64_t {
+            const auto* bytes = static_cast<const uint8_t*>(ptr);
+            if (bytes < arena_base || bytes + num_bytes > arena_base + arena_->num_bytes())
+                return -1;
+            return bytes - arena_base;
+        };
+        const void* parts[kNumDispatchOutputs] = {params.recv_x, params.recv_scales, params.recv_topk_idx,
+                                                  params.recv_topk_weights, params.recv_src_idx};
+        const int64_t part_bytes[kNumDispatchOutputs] = {
+            num_out_rows * num_x_bytes, num_out_rows * 4 * params.num_scales, num_out_rows * 8 * params.num_topk,
+            num_out_rows * 4 * params.num_topk, num_out_rows * 4};
+        int64_t offsets[kNumDispatchOutputs];
+        bool is_direct = true;
+        for (int i = 0; i < kNumDispatchOutputs; ++i) {
+            offsets[i] = parts[i] == nullptr ? -1 : offset_of(parts[i], part_bytes[i]);
+            is_direct = is_direct && (parts[i] == nullptr || offsets[i] >= 0);
+        }
+        if (is_direct)
+            for (int i = 0; i < kNumDispatchOutputs; ++i)
+                params.out_offsets[i] = offsets[i];
+    }
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
     kernels::intranode_dispatch(params, layout_.num_data_bytes, smem_limit_, c10::cuda::getCurrentCUDAStream());
 }
@@ -379,6 +575,10 @@ void NvlRuntime::close_peers() {
             CUDA_CHECK(cudaIpcCloseMemHandle(buffer_ptrs_[p]));
             buffer_ptrs_[p] = nullptr;
         }
+        if (p != rank_ && arena_ptrs_[p] != nullptr) {
+            CUDA_CHECK(cudaIpcCloseMemHandle(arena_ptrs_[p]));
+            arena_ptrs_[p] = nullptr;
+        }
     }
     peers_open_ = false;
 }
@@ -393,6 +593,10 @@ void NvlRuntime::free_buffer() {
     local_ptr_ = nullptr;
     host_recv_counts_ = nullptr;
     buffer_ptrs_[rank_] = nullptr;
+    // NOTES: the arena's memory goes once the last output tensor over it dies too (outputs outlive the Buffer, as
+    // torch.empty ones would); the peers have unmapped it by now.
+    arena_.reset();
+    arena_ptrs_[rank_] = nullptr;
 }
 
 namespace {
@@ -406,14 +610,17 @@ int64_t ring_bytes_hint_py(int64_t hidden_bytes, int64_t num_ranks, int64_t num_
 
 void register_apis(pybind11::module_& m) {
     pybind11::class_<NvlRuntime>(m, "NvlRuntime")
-        .def(pybind11::init<int, int, int64_t, double>(), pybind11::arg("rank"), pybind11::arg("num_ranks"),
-             pybind11::arg("num_nvl_bytes"), pybind11::arg("timeout_secs"))
+        .def(pybind11::init<int, int, int64_t, double, int64_t>(), pybind11::arg("rank"), pybind11::arg("num_ranks"),
+             pybind11::arg("num_nvl_bytes"), pybind11::arg("timeout_secs"), pybind11::arg("num_arena_bytes") = 0)
         .def("ipc_handle", &NvlRuntime::ipc_handle)
         .def("open_peers", &NvlRuntime::open_peers, pybind11::arg("handles"))
         .def("barrier", &NvlRuntime::barrier)
         .def("prepare_rings", &NvlRuntime::prepare_rings)
         .def("buffer_tensor", &NvlRuntime::buffer_tensor, pybind11::arg("rank_idx"), pybind11::arg("dtype"),
              pybind11::arg("offset"), pybind11::arg("num_bytes"))
+        .def("dispatch_outputs", &NvlRuntime::dispatch_outputs, pybind11::arg("num_rows"), pybind11::arg("dtype"),
+             pybind11::arg("hidden"), pybind11::arg("num_scales"), pybind11::arg("num_topk"),
+             pybind11::arg("with_src_idx"))
         .def("notify_dispatch", &NvlRuntime::notify_dispatch, pybind11::arg("num_tokens_per_rank"),
              pybind11::arg("num_tokens_per_expert"), pybind11::arg("is_token_in_rank"), pybind11::arg("num_channels"),
              pybind11::arg("expert_alignment"), pybind11::arg("num_worst_tokens") = 0,
@@ -439,6 +646,8 @@ void register_apis(pybind11::module_& m) {
         .def_property_readonly("num_ranks", &NvlRuntime::num_ranks)
         .def_property_readonly("num_nvl_bytes", &NvlRuntime::num_nvl_bytes)
         .def_property_readonly("num_timeout_cycles", &NvlRuntime::num_timeout_cycles)
+        .def_property_readonly("num_arena_bytes", &NvlRuntime::num_arena_bytes)
+        .def_property_readonly("num_arena_used_bytes", &NvlRuntime::num_arena_used_bytes)
         .def_property_readonly("is_available", &NvlRuntime::is_available);
 }
 

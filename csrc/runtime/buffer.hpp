@@ -8,6 +8,11 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cuda_runtime_api.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -17,20 +22,59 @@
 
 namespace hybrid_ep::runtime {
 
+// Device memory that the peers map too, from which a dispatch takes its output tensors, so that senders write the
+// rows straight into them (no copy out of the rings). A block goes back to the arena when the last tensor over it
+// dies; the next allocation on a stream waits (on the device) for the work the freeing stream had enqueued by then,
+// as the caching allocator does for a tensor's own stream.
+// Thread-safe. Owned through shared_ptr by the runtime and by every live block, so it outlives both.
+class OutputArena {
+public:
+    OutputArena(int device_idx, size_t num_bytes);
+    ~OutputArena();
+    OutputArena(const OutputArena&) = delete;
+    OutputArena& operator=(const OutputArena&) = delete;
+
+    void* base() const { return base_; }
+    size_t num_bytes() const { return num_bytes_; }
+    int device_idx() const { return device_idx_; }
+    // Returns: the offset of a block of `num_bytes` bytes, ordered on `stream` after the work that earlier users of
+    // its memory had enqueued when they freed it; -1 if no free block is large enough.
+    int64_t allocate(size_t num_bytes, cudaStream_t stream);
+    // Gives the block at `offset` back; its next user waits for the work enqueued on the device's current stream.
+    void release(int64_t offset, size_t num_bytes) noexcept;
+    // Bytes now held by live blocks.
+    size_t num_used_bytes() const;
+
+private:
+    struct FreeBlock {
+        size_t num_bytes;
+        std::vector<std::shared_ptr<void>> events;  // cudaEvent_t the next user waits for
+    };
+    int device_idx_;
+    void* base_ = nullptr;
+    size_t num_bytes_;
+    size_t num_used_bytes_ = 0;
+    mutable std::mutex mutex_;
+    std::map<size_t, FreeBlock> free_;  // by offset; adjacent free blocks are merged
+};
+
 class NvlRuntime {
 public:
     // Arguments:
     //     rank, num_ranks: this rank and the ranks of its NVLink domain (1..kNumMaxNvlRanks).
     //     num_nvl_bytes: bytes of data region (a multiple of 128); the barrier header comes on top.
     //     timeout_secs: how long a device-side wait on a peer may last before the kernel traps.
-    NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_secs);
+    //     num_arena_bytes: bytes of the output arena (0: none; every dispatch then receives through the rings).
+    NvlRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_secs, int64_t num_arena_bytes);
     ~NvlRuntime();
     NvlRuntime(const NvlRuntime&) = delete;
     NvlRuntime& operator=(const NvlRuntime&) = delete;
 
-    // Returns: this rank's CUDA IPC handle (bytes) for the peers to open.
+    // Returns: this rank's CUDA IPC handles (bytes: the NVLink buffer's, then the output arena's if it has one) for
+    // the peers to open.
     pybind11::bytes ipc_handle() const;
-    // Maps every peer's buffer. `handles[p]` is rank p's `ipc_handle()`; this rank's own entry is not opened.
+    // Maps every peer's buffer (and output arena). `handles[p]` is rank p's `ipc_handle()`; this rank's own entry is
+    // not opened.
     void open_peers(const std::vector<std::string>& handles);
     // Enqueues a device-side barrier of the domain on the current CUDA stream (kernels/intranode/barrier.cu).
     void barrier();
@@ -51,8 +95,18 @@ public:
         const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert,
         const at::Tensor& is_token_in_rank, int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens,
         bool trap_on_overflow);
+    // Returns: dispatch outputs of `num_rows` rows in the output arena (recv_x [num_rows, hidden] of `dtype`,
+    //     recv_scales [num_rows, num_scales] float32, recv_topk_idx and recv_topk_weights [num_rows, num_topk],
+    //     recv_src_idx [num_rows] int32; absent parts are None), which peers write directly; None where the arena
+    //     is missing or full, or the current stream is capturing a CUDA graph (a graph would keep writing into
+    //     memory that the arena hands out again).
+    std::optional<std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                             std::optional<at::Tensor>, std::optional<at::Tensor>>>
+    dispatch_outputs(int64_t num_rows, at::ScalarType dtype, int64_t hidden, int64_t num_scales, int64_t num_topk,
+                     bool with_src_idx);
     // Enqueues the dispatch kernel on the current stream (kernels/intranode/dispatch.cu); the rings must be idle
-    // (notify_dispatch or barrier just before). Outputs are allocated by the caller with `num_out_rows` rows.
+    // (notify_dispatch or barrier just before). Outputs are allocated by the caller with `num_out_rows` rows; when
+    // they come from `dispatch_outputs`, peers write them directly.
     // Arguments: x [num_tokens, hidden] (BF16 or FP8 bytes), x_scales [num_tokens, hidden / 128] float32 (any
     //     strides) or None, topk_idx/topk_weights [num_tokens, num_topk] or None, send_head [num_tokens, num_ranks]
     //     and rank_prefix_matrix [num_ranks, num_ranks] int32, the outputs, the experts per rank, the handle's
@@ -87,6 +141,8 @@ public:
     int num_ranks() const { return num_ranks_; }
     int64_t num_nvl_bytes() const { return static_cast<int64_t>(layout_.num_data_bytes); }
     int64_t num_timeout_cycles() const { return num_timeout_cycles_; }
+    int64_t num_arena_bytes() const { return arena_ ? static_cast<int64_t>(arena_->num_bytes()) : 0; }
+    int64_t num_arena_used_bytes() const { return arena_ ? static_cast<int64_t>(arena_->num_used_bytes()) : 0; }
     bool is_available() const { return peers_open_; }
 
 private:
@@ -111,6 +167,8 @@ private:
     int* host_recv_counts_ = nullptr;  // mapped host memory [kNumHostCountInts] (kernels/api.cuh)
     void* local_ptr_ = nullptr;
     std::vector<void*> buffer_ptrs_;  // [num_ranks]: local_ptr_ at rank_, peer mappings elsewhere
+    std::shared_ptr<OutputArena> arena_;
+    std::vector<void*> arena_ptrs_;  // [num_ranks]: arena bases (this rank's, peer mappings), nullptr for none
     bool peers_open_ = false;
 };
 

@@ -122,6 +122,57 @@ __device__ __forceinline__ RingLayout dispatch_rings(const DispatchParams& p, co
                       meta_layout.num_bytes()};
 }
 
+// The outputs of a peer that receives without a copy (its dispatch outputs lie in its output arena): rows go from the
+// stage straight to `x` there, metadata from the filler's registers.
+struct PeerOutputs {
+    uint8_t* x;  // nullptr: the peer receives through its rings
+    float* scales;
+    int64_t* topk_idx;
+    float* topk_weights;
+    int* src_idx;
+};
+
+// Publishes where this rank's outputs lie (or that it receives through its rings) in its output record, tagged with
+// the call's barrier epoch (device/layout.cuh). One thread of the grid.
+__device__ __forceinline__ void publish_output_record(const DispatchParams& p) {
+    void* local = p.buffer_ptrs[p.rank];
+    for (int i = 0; i < kNumDispatchOutputs; ++i)
+        reinterpret_cast<volatile int64_t*>(NvlBufferLayout::record_offsets(local))[i] = p.out_offsets[i];
+    ptx::st_release_sys(NvlBufferLayout::record_tag(local), *NvlBufferLayout::epoch(local));
+}
+
+// Returns: the outputs of peer `peer` if it receives without a copy, read from its output record once the record
+// carries this call's tag (a bounded wait: the peer writes it when its dispatch kernel starts).
+__device__ __forceinline__ PeerOutputs read_peer_outputs(const DispatchParams& p, int peer) {
+    PeerOutputs out{};
+    if (peer == p.rank || p.arena_ptrs[peer] == nullptr)
+        return out;
+    void* remote = p.buffer_ptrs[peer];
+    const int epoch = *NvlBufferLayout::epoch(p.buffer_ptrs[p.rank]);
+    timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
+        const int tag = ptx::ld_acquire_sys(NvlBufferLayout::record_tag(remote));
+        if (tag != epoch && is_last_check)
+            printf(
+                "hybrid_ep dispatch timeout: rank %d waits for the output record of peer %d: expected tag %d, "
+                "observed %d\n",
+                p.rank, peer, epoch, tag);
+        return tag != epoch;
+    });
+    const auto* offsets = reinterpret_cast<const volatile int64_t*>(NvlBufferLayout::record_offsets(remote));
+    const auto at = [&](int part) {
+        const int64_t offset = offsets[part];
+        return offset < 0 ? nullptr : static_cast<uint8_t*>(p.arena_ptrs[peer]) + offset;
+    };
+    out.x = at(kOutX);
+    if (out.x == nullptr)
+        return out;
+    out.scales = reinterpret_cast<float*>(at(kOutScales));
+    out.topk_idx = reinterpret_cast<int64_t*>(at(kOutTopkIdx));
+    out.topk_weights = reinterpret_cast<float*>(at(kOutTopkWeights));
+    out.src_idx = reinterpret_cast<int*>(at(kOutSrcIdx));
+    return out;
+}
+
 // Shared state of one sender: the issuer's counters, and the stages it shares with the filler.
 template <int kNumStages, int kPublishLag>
 struct SenderShared {
@@ -131,6 +182,7 @@ struct SenderShared {
     StageBarriers<kNumStages> free_stages;           // stage free again: its stores have read it
     int stage_rows[kNumStages][kNumMaxKernelRanks];  // receive row of a stage's token at each rank, or -1
     int stage_token[kNumStages];                     // a stage's token, or -1: the sender has no more tokens
+    PeerOutputs outputs[kNumMaxKernelRanks];         // where rows for each peer go directly (zero copy), if anywhere
 };
 
 // Filler warp of sender `sender_idx`: writes every token's metadata into its stage, and this rank's own copy of it
@@ -172,20 +224,33 @@ __device__ void run_filler(const DispatchParams& p, uint8_t* stages_smem, Sender
             reinterpret_cast<int*>(stage_meta + meta_layout.recv_rows_offset())[lane_idx] = meta.recv_row;
         }
 
-        const int self_row = __shfl_sync(0xffffffff, meta.recv_row, rank);
-        if (self_row >= 0) {
-            if (p.recv_src_idx != nullptr && lane_idx == 0)
-                p.recv_src_idx[self_row] = token_idx;
-            if (lane_idx < p.num_topk && p.recv_topk_idx != nullptr) {
-                const int64_t first = static_cast<int64_t>(rank) * p.num_local_experts;
+        // The token's metadata, localised for rank `dst`, into outputs there (this rank's own, or a peer's that
+        // receives without a copy); nullptr for an output the call does not have.
+        // NOTES: which outputs a call has is read from the destination's pointers, not this rank's: a rank that
+        // receives no rows has empty outputs, whose data pointers are null.
+        const auto write_outputs = [&](int dst, int64_t row, int* src_idx, int64_t* topk_idx, float* topk_weights,
+                                       float* scales) {
+            if (src_idx != nullptr && lane_idx == 0)
+                src_idx[row] = token_idx;
+            if (lane_idx < p.num_topk && topk_idx != nullptr) {
+                const int64_t first = static_cast<int64_t>(dst) * p.num_local_experts;
                 const bool is_local = meta.expert_idx >= first && meta.expert_idx < first + p.num_local_experts;
-                p.recv_topk_idx[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
-                    is_local ? meta.expert_idx - first : -1;
-                p.recv_topk_weights[static_cast<int64_t>(self_row) * p.num_topk + lane_idx] =
-                    is_local ? meta.weight : 0.0f;
+                topk_idx[row * p.num_topk + lane_idx] = is_local ? meta.expert_idx - first : -1;
+                topk_weights[row * p.num_topk + lane_idx] = is_local ? meta.weight : 0.0f;
             }
-            for (int s = lane_idx; s < p.num_scales; s += kWarpSize)
-                p.recv_scales[static_cast<int64_t>(self_row) * p.num_scales + s] = stage_scales[s];
+            if (scales != nullptr)
+                for (int s = lane_idx; s < p.num_scales; s += kWarpSize)
+                    scales[row * p.num_scales + s] = stage_scales[s];
+        };
+        for (int d = 0; d < num_ranks; ++d) {
+            const int row = __shfl_sync(0xffffffff, meta.recv_row, d);
+            if (row < 0)
+                continue;
+            if (d == rank) {
+                write_outputs(d, row, p.recv_src_idx, p.recv_topk_idx, p.recv_topk_weights, p.recv_scales);
+            } else if (const PeerOutputs& out = shared.outputs[d]; out.x != nullptr) {
+                write_outputs(d, row, out.src_idx, out.topk_idx, out.topk_weights, out.scales);
+            }
         }
         // NOTES: the metadata written above is read by the issuer's bulk stores (async proxy) once it sees the
         // stage's barrier complete, which lane 0's arrival (release) below orders after every lane's writes.
@@ -240,7 +305,10 @@ __device__ void run_filler(const DispatchParams& p, uint8_t* stages_smem, Sender
         fill_stage(k, token_idx, meta);
         token_idx = next_token;
     }
-    // Stage k tells the issuer that there are no more tokens.
+    // Stage k tells the issuer that there are no more tokens; the metadata this warp wrote into peers' outputs is
+    // visible at system scope before that (the issuer's last tails follow it).
+    __threadfence_system();
+    __syncwarp();
     if (lane_idx == 0) {
         if (k >= kNumStages)
             shared.free_stages.wait(k - kNumStages, p.num_timeout_cycles, "dispatch (stage free)", rank);
@@ -273,6 +341,8 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
         shared.stages.init();
         shared.free_stages.init();
     }
+    if (lane_idx < num_ranks)
+        shared.outputs[lane_idx] = read_peer_outputs(p, lane_idx);
     ptx::named_barrier_sync(Roles<kNumSenders>::kFirstSenderBarrier + sender_idx, 2 * kWarpSize);
 
     // Lane 0: makes tails up to `sent_after` visible at every peer (all bulk groups they count have completed).
@@ -313,9 +383,9 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
                 const int row = rows[d];
                 if (row < 0)
                     continue;
-                if (d == rank) {
-                    ptx::tma_store_1d(static_cast<uint8_t*>(p.recv_x) + static_cast<int64_t>(row) * p.num_x_bytes,
-                                      stage_addr, p.num_x_bytes);
+                uint8_t* direct = d == rank ? static_cast<uint8_t*>(p.recv_x) : shared.outputs[d].x;
+                if (direct != nullptr) {
+                    ptx::tma_store_1d(direct + static_cast<int64_t>(row) * p.num_x_bytes, stage_addr, p.num_x_bytes);
                     continue;
                 }
                 const int sent = state.sent[d];
@@ -456,6 +526,27 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     const int num_recv_rings = (num_ranks - 1) * kNumSenders;
     if (num_recv_rings == 0)
         return;
+    const auto source_of = [&](int j) { return (rank + 1 + j / kNumSenders) % num_ranks; };
+    const auto ring_idx_of = [&](int j) { return block_idx * kNumSenders + j % kNumSenders; };
+    if (p.out_offsets[kOutX] >= 0) {
+        // Peers write this rank's outputs themselves: wait until every sender of a peer that this block's rings
+        // pair with has written its last row (its last tail carries kDoneBit, after its rows).
+        static_assert(kNumMaxRecvRings <= kNumRecvWarps * kWarpSize, "a lane per ring");
+        const int j = recv_warp_idx * kWarpSize + lane_idx;
+        if (j < num_recv_rings) {
+            const int* tail = NvlBufferLayout::tail(p.buffer_ptrs[rank], ring_idx_of(j), source_of(j));
+            timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
+                const int observed = ptx::ld_acquire_sys(tail);
+                if (!(observed & kDoneBit) && is_last_check)
+                    printf(
+                        "hybrid_ep dispatch timeout: rank %d, block %d waits for peer %d (sender %d) to finish "
+                        "writing its rows: observed tail %d\n",
+                        rank, block_idx, source_of(j), j % kNumSenders, observed);
+                return !(observed & kDoneBit);
+            });
+        }
+        return;
+    }
     // Group g has warps [g * W / G, (g + 1) * W / G): every warp works, group sizes differ by at most one.
     const int num_groups = min(num_recv_rings, min(kNumRecvWarps, Roles<kNumSenders>::kNumMaxRecvGroups));
     const auto first_warp = [&](int g) { return g * kNumRecvWarps / num_groups; };
@@ -468,8 +559,6 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
     RecvTask& task = tasks[group_idx];
     // Rings of this group: j = group_idx, group_idx + num_groups, ...; the i-th is ring_of(i).
     const auto ring_of = [&](int i) { return group_idx + i * num_groups; };
-    const auto source_of = [&](int j) { return (rank + 1 + j / kNumSenders) % num_ranks; };
-    const auto ring_idx_of = [&](int j) { return block_idx * kNumSenders + j % kNumSenders; };
     const int num_group_rings = (num_recv_rings - group_idx + num_groups - 1) / num_groups;
     if (is_leader)
         for (int i = 0; i < num_group_rings; ++i)
@@ -531,6 +620,8 @@ __global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
     dispatch_kernel(const __grid_constant__ DispatchParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp_idx = threadIdx.x / kWarpSize;
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        publish_output_record(params);
     __shared__ SenderShared<kNumStages, kPublishLag> senders[kNumSenders];
     if (warp_idx < 2 * kNumSenders) {
         const int sender_idx = warp_idx / 2;

@@ -348,7 +348,6 @@ NvlRuntime::dispatch_outputs(int64_t num_rows, at::ScalarType dtype, int64_t hid
                 arena->release(offset, num_bytes);
         }
     };
-    std::vector<std::shared_ptr<Block>> blocks;
     const auto take = [&](std::vector<int64_t> sizes, at::ScalarType part_dtype) -> std::optional<at::Tensor> {
         int64_t num_bytes = static_cast<int64_t>(c10::elementSize(part_dtype));
         for (const int64_t size : sizes)
@@ -356,11 +355,10 @@ NvlRuntime::dispatch_outputs(int64_t num_rows, at::ScalarType dtype, int64_t hid
         auto block = std::make_shared<Block>(arena_, static_cast<size_t>(num_bytes), stream);
         if (block->offset < 0)
             return std::nullopt;
-        blocks.push_back(block);
         const auto options = at::TensorOptions().dtype(part_dtype).device(at::kCUDA, device_idx_);
         return at::from_blob(static_cast<uint8_t*>(arena_->base()) + block->offset, sizes, [block](void*) {}, options);
     };
-    // NOTES: a failed allocation gives back the blocks taken before it, when `blocks` and the tensors go.
+    // NOTES: a failed allocation gives back the blocks taken before it, when their tensors go on return.
     std::optional<at::Tensor> recv_x = take({num_rows, hidden}, dtype), scales, topk_idx, topk_weights, src_idx;
     if (!recv_x.has_value())
         return std::nullopt;

@@ -604,13 +604,13 @@ class Buffer:
         hidden_bytes = hidden * max(data.element_size(), 2)
         cap, chunk = config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens
 
-        def new_outputs(num_rows: int, num_topk: int, with_src_idx: bool = False) -> tuple:
-            # In the output arena where there is room (the peers then write the rows directly), else fresh tensors.
+        def new_outputs(num_rows: int, num_topk: int, with_src_idx: bool) -> tuple:
+            """Returns: (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx), None for absent ones:
+            in the output arena where there is room (the peers then write the rows directly), else fresh tensors."""
             num_scales = scales.size(1) if scales is not None else 0
             outputs = runtime.dispatch_outputs(num_rows, data.dtype, hidden, num_scales, num_topk, with_src_idx)
             if outputs is not None:
-                recv_x, recv_scales, recv_idx, recv_w, recv_src_idx = outputs
-                return (recv_x, recv_scales, recv_idx, recv_w) + ((recv_src_idx,) if with_src_idx else ())
+                return outputs
             recv_x = torch.empty((num_rows, hidden), dtype=data.dtype, device=device)
             recv_scales = None
             if scales is not None:
@@ -619,10 +619,8 @@ class Buffer:
             if num_topk > 0:
                 recv_idx = torch.empty((num_rows, num_topk), dtype=torch.int64, device=device)
                 recv_w = torch.empty((num_rows, num_topk), dtype=torch.float32, device=device)
-            if with_src_idx:
-                recv_src_idx = torch.empty((num_rows,), dtype=torch.int32, device=device)
-                return recv_x, recv_scales, recv_idx, recv_w, recv_src_idx
-            return recv_x, recv_scales, recv_idx, recv_w
+            recv_src_idx = torch.empty((num_rows,), dtype=torch.int32, device=device) if with_src_idx else None
+            return recv_x, recv_scales, recv_idx, recv_w, recv_src_idx
 
         if handle is not None:
             if (topk_idx is not None or topk_weights is not None) and cached_topk_local_experts is None:
@@ -651,7 +649,7 @@ class Buffer:
                 num_topk = topk_idx.size(1)
 
             def run_cached() -> tuple:
-                recv_x, recv_scales, recv_idx, recv_w = new_outputs(num_out_rows, num_topk)
+                recv_x, recv_scales, recv_idx, recv_w, _ = new_outputs(num_out_rows, num_topk, False)
                 runtime.prepare_rings()
                 runtime.dispatch(
                     data, scales, topk_idx, topk_weights, send_head, rank_prefix_matrix, recv_x, recv_scales, None,

@@ -31,6 +31,10 @@ int64_t timeout_cycles(int device_idx, double timeout_secs) {
 // Blocks of the output arena start on this boundary.
 constexpr size_t kArenaAlignment = 4096;
 
+size_t arena_block_bytes(size_t num_bytes) {
+    return (num_bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+}
+
 }  // namespace
 
 OutputArena::OutputArena(int device_idx, size_t num_bytes) : device_idx_(device_idx), num_bytes_(num_bytes) {
@@ -53,7 +57,7 @@ OutputArena::~OutputArena() {
 }
 
 int64_t OutputArena::allocate(size_t num_bytes, cudaStream_t stream) {
-    num_bytes = (num_bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    num_bytes = arena_block_bytes(num_bytes);
     const std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = free_.begin(); it != free_.end(); ++it) {
         if (it->second.num_bytes < num_bytes)
@@ -73,7 +77,7 @@ int64_t OutputArena::allocate(size_t num_bytes, cudaStream_t stream) {
 }
 
 void OutputArena::release(int64_t offset, size_t num_bytes) noexcept {
-    num_bytes = (num_bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    num_bytes = arena_block_bytes(num_bytes);
     std::shared_ptr<void> event;
     try {
         const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
@@ -118,6 +122,14 @@ void OutputArena::release(int64_t offset, size_t num_bytes) noexcept {
     (void)cudaGetLastError();
     block.events = std::move(pending);
     free_.emplace(start, std::move(block));
+}
+
+int64_t OutputArena::offset_of(const void* ptr, size_t num_bytes) const {
+    const auto* bytes = static_cast<const uint8_t*>(ptr);
+    const auto* base = static_cast<const uint8_t*>(base_);
+    if (bytes < base || bytes + num_bytes > base + num_bytes_)
+        return -1;
+    return bytes - base;
 }
 
 size_t OutputArena::num_used_bytes() const {
@@ -449,23 +461,13 @@ void NvlRuntime::dispatch(const at::Tensor& x, const std::optional<at::Tensor>& 
     for (int i = 0; i < kNumDispatchOutputs; ++i)
         params.out_offsets[i] = -1;
     if (arena_ && num_out_rows > 0) {
-        const auto* arena_base = static_cast<const uint8_t*>(arena_->base());
-        const auto offset_of = [&](const void* ptr, int64_t num_bytes) -> int64_t {
-            const auto* bytes = static_cast<const uint8_t*>(ptr);
-            if (bytes < arena_base || bytes + num_bytes > arena_base + arena_->num_bytes())
-                return -1;
-            return bytes - arena_base;
-        };
-        const void* parts[kNumDispatchOutputs] = {params.recv_x, params.recv_scales, params.recv_topk_idx,
-                                                  params.recv_topk_weights, params.recv_src_idx};
-        const int64_t part_bytes[kNumDispatchOutputs] = {
-            num_out_rows * num_x_bytes, num_out_rows * 4 * params.num_scales, num_out_rows * 8 * params.num_topk,
-            num_out_rows * 4 * params.num_topk, num_out_rows * 4};
+        const std::optional<at::Tensor> parts[kNumDispatchOutputs] = {recv_x, recv_scales, recv_topk_idx,
+                                                                      recv_topk_weights, recv_src_idx};
         int64_t offsets[kNumDispatchOutputs];
         bool is_direct = true;
         for (int i = 0; i < kNumDispatchOutputs; ++i) {
-            offsets[i] = parts[i] == nullptr ? -1 : offset_of(parts[i], part_bytes[i]);
-            is_direct = is_direct && (parts[i] == nullptr || offsets[i] >= 0);
+            offsets[i] = parts[i].has_value() ? arena_->offset_of(parts[i]->data_ptr(), parts[i]->nbytes()) : -1;
+            is_direct = is_direct && (!parts[i].has_value() || offsets[i] >= 0);
         }
         if (is_direct)
             for (int i = 0; i < kNumDispatchOutputs; ++i)

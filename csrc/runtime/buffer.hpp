@@ -42,6 +42,8 @@ public:
     int64_t allocate(size_t num_bytes, cudaStream_t stream);
     // Gives the block at `offset` back; its next user waits for the work enqueued on the device's current stream.
     void release(int64_t offset, size_t num_bytes) noexcept;
+    // Returns: the offset of the `num_bytes` bytes at `ptr` if they lie inside the arena, else -1.
+    int64_t offset_of(const void* ptr, size_t num_bytes) const;
     // Bytes now held by live blocks.
     size_t num_used_bytes() const;
 

@@ -260,6 +260,21 @@ def test_env_flag_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
         envs.check_inputs()
 
 
+def test_output_arena_bytes_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybrid_ep import envs
+
+    monkeypatch.delenv("HYBRID_EP_OUTPUT_ARENA_BYTES", raising=False)
+    assert envs.output_arena_bytes() == 1 << 30
+    monkeypatch.setenv("HYBRID_EP_OUTPUT_ARENA_BYTES", "0")
+    assert envs.output_arena_bytes() == 0
+    monkeypatch.setenv("HYBRID_EP_OUTPUT_ARENA_BYTES", "-1")
+    with pytest.raises(ValueError, match="HYBRID_EP_OUTPUT_ARENA_BYTES=-1: must be >= 0"):
+        envs.output_arena_bytes()
+    monkeypatch.setenv("HYBRID_EP_OUTPUT_ARENA_BYTES", "1GiB")
+    with pytest.raises(ValueError, match="HYBRID_EP_OUTPUT_ARENA_BYTES='1GiB': expected an integer"):
+        envs.output_arena_bytes()
+
+
 def run_not_implemented(pg: ProcessGroupInfo) -> None:
     buffer = hybrid_ep.Buffer(pg.group, low_latency_mode=True, num_rdma_bytes=1 << 20, explicitly_destroy=True)
     x = torch.zeros(2, 128, dtype=torch.bfloat16)

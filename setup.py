@@ -93,6 +93,7 @@ SOURCES = {
         "csrc/kernels/intranode/notify.cu",
         "csrc/kernels/intranode/dispatch.cu",
         "csrc/kernels/intranode/combine.cu",
+        "csrc/kernels/intranode/combine_pull.cu",
     ],
     # NVML topology probe (libnvidia-ml through dlopen: no NVML header or library needed to build).
     "topology": [

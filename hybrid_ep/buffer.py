@@ -466,6 +466,28 @@ class Buffer:
         outputs, event = self._on_comm_stream(run, inputs, previous_event, async_finish, allocate_on_comm_stream)
         return (*outputs, event)
 
+    def new_combine_input(self, handle: tuple, hidden: int) -> torch.Tensor:
+        """An uninitialised `[num_recv_tokens, hidden]` torch.bfloat16 tensor for `combine`'s `x` with `handle`.
+
+        When every rank's `x` (and `topk_weights`, if given) lies in its output arena, combine has each rank read its
+        tokens' copies straight from the peers, its fastest path; dispatch outputs lie there already. Writing expert
+        outputs into this tensor (a GEMM's `out=`, or `copy_`) takes that path for them too. Where the arena is
+        missing or full, on a CPU group, or during CUDA graph capture, it is a plain `torch.empty` tensor.
+
+        Arguments:
+            handle: the handle dispatch returned (its row count is the tensor's).
+            hidden: the row width.
+        """
+        self._check_alive()
+        checks.check_int("hidden", hidden, 1)
+        recv_src_idx = reference._check_handle(handle, None, self.group_size)[3]
+        num_rows = recv_src_idx.size(0)
+        if self.runtime is not None and num_rows > 0:
+            outputs = self.runtime.dispatch_outputs(num_rows, torch.bfloat16, hidden, 0, 0, False)
+            if outputs is not None:
+                return outputs[0]
+        return torch.empty((num_rows, hidden), dtype=torch.bfloat16, device=recv_src_idx.device)
+
     def internode_dispatch(
         self,
         x: Any,
@@ -747,6 +769,7 @@ class Buffer:
         bias_0 = biases[0] if len(biases) > 0 else None
         bias_1 = biases[1] if len(biases) > 1 else None
         self._check_nvl_bytes(config, hidden * 2, config.num_channels)
+        allow_pull = envs.combine_pull()
 
         def run() -> tuple:
             combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=device)
@@ -756,7 +779,7 @@ class Buffer:
             runtime.combine(
                 x, topk_weights, rank_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank,
                 send_head, bias_0, bias_1, combined_x, combined_w, config.num_sms,
-                config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens,
+                config.num_max_nvl_chunked_recv_tokens, config.num_max_nvl_chunked_send_tokens, allow_pull,
             )  # fmt: skip
             return combined_x, combined_w
 

@@ -65,6 +65,13 @@ def output_arena_bytes() -> int:
     return env_int("HYBRID_EP_OUTPUT_ARENA_BYTES", 1 << 30, minimum=0)
 
 
+def combine_pull() -> bool:
+    """HYBRID_EP_COMBINE_PULL (default on): a combine whose inputs (x, and top-k weights if given) lie in every rank's
+    output arena (dispatch outputs, or `Buffer.new_combine_input`) has each rank read its tokens' copies from the
+    peers directly. Off: this rank never offers its inputs, so every rank pushes rows through the rings."""
+    return env_flag("HYBRID_EP_COMBINE_PULL", True)
+
+
 def num_nvl_ranks() -> int | None:
     """HYBRID_EP_NUM_NVL_RANKS (default unset): ranks per NVLink domain for `Buffer` (`Buffer.num_nvl_ranks`),
     instead of what the NVML topology says. Returns: the value (a positive integer), or None when unset or empty."""

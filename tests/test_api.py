@@ -318,3 +318,44 @@ def run_not_implemented(pg: ProcessGroupInfo) -> None:
 
 def test_not_implemented_features_name_themselves() -> None:
     parallel_launch(1, run_not_implemented)
+
+
+def test_combine_pull_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybrid_ep import envs
+
+    monkeypatch.delenv("HYBRID_EP_COMBINE_PULL", raising=False)
+    assert envs.combine_pull() is True
+    monkeypatch.setenv("HYBRID_EP_COMBINE_PULL", "off")
+    assert envs.combine_pull() is False
+    monkeypatch.setenv("HYBRID_EP_COMBINE_PULL", "2")
+    with pytest.raises(ValueError, match="HYBRID_EP_COMBINE_PULL='2'"):
+        envs.combine_pull()
+
+
+def run_new_combine_input(pg: ProcessGroupInfo) -> None:
+    """`new_combine_input` gives a tensor combine accepts for the handle (a plain one on the CPU), and rejects bad
+    arguments by name, leaving the Buffer usable."""
+    buffer = hybrid_ep.Buffer(pg.group, explicitly_destroy=True)
+    topk_idx = torch.tensor([[0, 1], [1, -1], [-1, -1]], dtype=torch.int64)
+    x = torch.arange(3 * 16, dtype=torch.float32).view(3, 16).to(torch.bfloat16)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+    )
+    y = buffer.new_combine_input(handle, 16)
+    assert y.shape == recv_x.shape and y.dtype == torch.bfloat16 and y.device == recv_x.device
+    for name, call, error in (
+        ("hidden", lambda: buffer.new_combine_input(handle, 0), ValueError),
+        ("hidden", lambda: buffer.new_combine_input(handle, 16.0), TypeError),
+        ("handle", lambda: buffer.new_combine_input((1, 2), 16), ValueError),
+    ):
+        with pytest.raises(error, match=name):
+            call()
+    y.copy_(recv_x)
+    combined, _, _ = buffer.combine(y, handle)
+    assert torch.equal(combined, x * (in_rank.sum(1, keepdim=True) > 0))
+    buffer.destroy()
+
+
+def test_new_combine_input_on_cpu() -> None:
+    parallel_launch(1, run_new_combine_input)

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import hybrid_ep
 from hybrid_ep import Config
@@ -65,6 +66,7 @@ class Case:
     num_worst_tokens: int = 0
     num_biases: int = 0  # 0: no bias, 1: a lone tensor, 2: a pair
     column_major_scales: bool = False  # FP8 scales as a column-major view
+    combine_modes: tuple[str, ...] = ("push", "pull")  # combine inputs: plain tensors, or in the output arena
 
 
 def nvl_bytes_for(cases: list[Case], num_ranks: int) -> int:
@@ -87,8 +89,9 @@ def seeded_bias(s: Scenario, rank: int, num_biases: int, device: torch.device) -
     return [torch.randint(-3, 4, shape, generator=g, device=device).to(torch.bfloat16) for _ in range(num_biases)]
 
 
-def run_case(buffer: hybrid_ep.Buffer, pg: ProcessGroupInfo, case: Case) -> None:
-    """Layout, dispatch, cached dispatch and combine of `case`, each output checked bitwise."""
+def run_case(buffer: hybrid_ep.Buffer, pg: ProcessGroupInfo, case: Case) -> bool:
+    """Layout, dispatch, cached dispatch and combine of `case`, each output checked bitwise. Returns: whether a
+    combine pulled."""
     s, R, me, device = case.scenario, pg.world_size, pg.rank, pg.device
     where = f"[{s.name}, rank {me} of {R}]"
     inp = make_inputs(s, R, device)
@@ -150,16 +153,43 @@ def run_case(buffer: hybrid_ep.Buffer, pg: ProcessGroupInfo, case: Case) -> None
     check_recv_x(f"{where} cached dispatch recv_x", cached[0], not s.fp8)
     recv_bf16 = cached[0] if s.fp8 else recv_x
 
-    # Rank r sends back its rows times (r + 1); padding rows hold NaN, which combine must ignore.
-    y = (recv_bf16.float() * (me + 1)).to(torch.bfloat16)
-    y_weights = recv_w.clone()
-    y[m:], y_weights[m:] = float("nan"), float("nan")
+    # Rank r sends back its rows times (r + 1); padding rows hold NaN, which combine must ignore. "push": from plain
+    # tensors, so the senders push rows through the rings; "pull": from the output arena (x from new_combine_input,
+    # the weights dispatch returned), so each rank reads its tokens' copies from its peers.
     biases = seeded_bias(s, me, case.num_biases, device)
     bias = tuple(biases) if len(biases) == 2 else (biases[0] if biases else None)
-    combined, combined_w, _ = buffer.combine(y, handle, topk_weights=y_weights, bias=bias, config=case.combine_config)
     want_x, want_w = expected_combine_fast(s, inp, me, R, biases)
-    check(f"{where} combine combined_x", combined, want_x)
-    check(f"{where} combine combined_topk_weights", combined_w, want_w)
+    is_pulled = False
+    for mode in case.combine_modes:
+        y = (recv_bf16.float() * (me + 1)).to(torch.bfloat16)
+        y_weights = recv_w.clone()
+        if mode == "pull":
+            y = buffer.new_combine_input(handle, s.hidden).copy_(y)
+            y_weights = recv_w
+        y[m:], y_weights[m:] = float("nan"), float("nan")
+        combined, combined_w, _ = buffer.combine(
+            y, handle, topk_weights=y_weights, bias=bias, config=case.combine_config
+        )
+        check(f"{where} combine ({mode}) combined_x", combined, want_x)
+        check(f"{where} combine ({mode}) combined_topk_weights", combined_w, want_w)
+        is_pulled = check_combine_path(buffer, pg, f"{where} combine ({mode})", y, y_weights) or is_pulled
+    return is_pulled
+
+
+def check_combine_path(
+    buffer: hybrid_ep.Buffer, pg: ProcessGroupInfo, where: str, x: torch.Tensor, weights: Optional[torch.Tensor]
+) -> bool:
+    """The last combine, from `x` and `weights`, pulled on every rank if every rank's lay in its output arena, else
+    pushed on every rank. Returns: whether it pulled (False on the reference)."""
+    if buffer.runtime is None:
+        return False
+    runtime = buffer.runtime
+    in_arena = all(t is None or t.numel() == 0 or runtime.arena_offset(t) >= 0 for t in (x, weights))
+    gathered: list[Any] = [None] * pg.world_size
+    dist.all_gather_object(gathered, (in_arena, runtime.last_combine_pulled()), group=pg.group)
+    want = all(g[0] for g in gathered)
+    assert all(g[1] == want for g in gathered), f"{where}: (inputs in the arena, pulled) per rank: {gathered}"
+    return want
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,14 +287,17 @@ def sweep_cases(num_ranks: int, small: bool = False) -> list[Case]:
     return cases
 
 
-def run_sweep(pg: ProcessGroupInfo, small: bool) -> None:
+def run_sweep(pg: ProcessGroupInfo, small: bool, with_arena: bool = True) -> None:
+    """The sweep; `with_arena`: every rank has the default output arena, so most combines from it pull."""
     cases = sweep_cases(pg.world_size, small)
     buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=nvl_bytes_for(cases, pg.world_size), explicitly_destroy=True)
     start = time.perf_counter()
-    for case in cases:
-        run_case(buffer, pg, case)
+    num_pulled = sum(run_case(buffer, pg, case) for case in cases)
+    if with_arena and buffer.runtime is not None:
+        assert num_pulled >= len(cases) // 2, f"only {num_pulled} of {len(cases)} cases pulled"
     if pg.rank == 0:
-        print(f"[intranode] sweep on {pg.world_size} ranks: {len(cases)} cases in {time.perf_counter() - start:.1f} s")
+        elapsed = time.perf_counter() - start
+        print(f"[intranode] sweep on {pg.world_size} ranks: {len(cases)} cases, {num_pulled} pulled, {elapsed:.1f} s")
     buffer.destroy()
 
 
@@ -283,7 +316,7 @@ def run_sweep_with_arena(pg: ProcessGroupInfo, layout: str) -> None:
     arena_bytes = ARENA_LAYOUTS[layout](pg.rank)
     if arena_bytes is not None:
         os.environ["HYBRID_EP_OUTPUT_ARENA_BYTES"] = str(arena_bytes)
-    run_sweep(pg, False)
+    run_sweep(pg, False, with_arena=False)
 
 
 @needs_kernels
@@ -357,7 +390,10 @@ def back_to_back_case(i: int, num_ranks: int, small: bool) -> Case:
     )
     config = B2B_CONFIGS[i % len(B2B_CONFIGS)]
     worst = sum(s.num_tokens) + 1 if i % 7 == 3 else 0
-    return Case(s, config, config, expert_alignment=1 + i % 4, num_worst_tokens=worst, num_biases=i % 3)
+    modes = ("pull",) if i % 2 else ("push",)
+    return Case(
+        s, config, config, expert_alignment=1 + i % 4, num_worst_tokens=worst, num_biases=i % 3, combine_modes=modes
+    )
 
 
 def run_back_to_back(pg: ProcessGroupInfo, num_iters: int, small: bool) -> None:
@@ -396,6 +432,7 @@ def run_determinism(pg: ProcessGroupInfo, small: bool) -> None:
     cases = [Case(s, c, c) for s in scenarios for c in configs]
     buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=nvl_bytes_for(cases, R), explicitly_destroy=True)
     factors = [(r + 1) / 3 for r in range(R)]
+    num_pulled = 0
     for s in scenarios:
         where = f"[{s.name}, rank {me} of {R}]"
         inp = make_inputs(s, R, device)
@@ -421,12 +458,20 @@ def run_determinism(pg: ProcessGroupInfo, small: bool) -> None:
             buffer.combine(y, handle, topk_weights=recv_w, bias=tuple(biases), config=configs[i % len(configs)])
             for i in range(2 * len(configs))
         ]
+        # The same sums pulled from the output arena: the same bits as pushed.
+        y_arena = buffer.new_combine_input(handle, s.hidden).copy_(y)
+        for config in configs:
+            runs.append(buffer.combine(y_arena, handle, topk_weights=recv_w, bias=tuple(biases), config=config))
+            num_pulled += check_combine_path(buffer, pg, f"{where} combine from the arena", y_arena, recv_w)
         for i, (combined, combined_w, _) in enumerate(runs[1:], 1):
             check(f"{where} combine run {i} against run 0", combined, runs[0][0])
             check(f"{where} combine run {i} against run 0, weights", combined_w, runs[0][1])
         want_x, want_w = expected_combine_fast(s, inp, me, R, biases, factors)
         check(f"{where} combined_x in the contract's order", runs[0][0], want_x)
         check(f"{where} combined_topk_weights", runs[0][1], want_w)
+    if buffer.runtime is not None:
+        # The holes scenario's inputs fit the arena on every rank (the skewed one's may not on its busiest rank).
+        assert num_pulled >= len(configs), f"rank {me}: {num_pulled} combines from the arena pulled"
     buffer.destroy()
 
 

@@ -4,19 +4,24 @@
 //   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | pad to 128 B ]
 //   [ notify slots: int[kNumMaxNvlRanks][kNumNotifySlotInts] | pad to 128 B ]
 //   [ ring tails, heads: each int[kNumMaxRings][kNumMaxNvlRanks] | work claims: int[32] |
-//     output record: int64 offsets[kNumDispatchOutputs], int tag | pad to 128 B ]
+//     output record: int64 offsets[kNumDispatchOutputs], int tag | reads done: int[kNumMaxNvlRanks] | pad to 128 B ]
 //   [ data: num_nvl_bytes ]
 //
 // Notify slot s of rank r's buffer is written by source rank s: its token count to every rank (kNumMaxNvlRanks ints),
 // its count of (token, k) entries naming each of r's experts (kNumMaxLocalExperts ints), its inclusive count of
 // tokens to r per channel (kNumMaxChannels ints), then its token count and the barrier epoch it was written in
-// (the combine prelude, kernels/intranode/notify.cu), then its num_worst_tokens (dispatch).
+// (the combine prelude, kernels/intranode/notify.cu), then its num_worst_tokens (dispatch), then where the combine's
+// inputs lie (the combine prelude): the offsets of its x and of its top-k weights in its output arena (int64 each;
+// kernels/intranode/combine_inputs.cuh) and the rows of x.
 //
 // Rings (RingLayout below) live in the data region; their counters in the tails/heads arrays. Ring (block b, source
 // s) of rank r: source s's block b writes rows into it and advances tails[b][s] of r's buffer; r's block b copies
 // rows out and advances heads[b][r] of s's buffer. The work claims count the parts of a call's work this rank's
 // blocks have taken (kernels/intranode/dispatch.cu). Every rank zeroes its own counters at the start of each call,
 // between two synchronisations with its peers (device/nvl_barrier.cuh reset_ring_counters).
+//
+// Reads done (pulling combine, kernels/intranode/combine_pull.cu): entry p of rank r's buffer is set by rank p once
+// all of p's blocks have finished reading r's combine inputs; r's kernel ends only after every peer's.
 //
 // The output record says where a dispatch may write this rank's outputs directly: the offset of each output
 // (DispatchOutput below) in the rank's output arena, -1 for one the call does not have, or -1 for recv_x where rows
@@ -56,7 +61,11 @@ constexpr int kSlotChannelOffset = kSlotExpertOffset + kNumMaxLocalExperts;
 constexpr int kSlotNumTokensOffset = kSlotChannelOffset + kNumMaxChannels;
 constexpr int kSlotEpochOffset = kSlotNumTokensOffset + 1;
 constexpr int kSlotWorstOffset = kSlotEpochOffset + 1;
-constexpr int kNumNotifySlotInts = kSlotWorstOffset + 2;
+constexpr int kSlotInputXOffset = kSlotWorstOffset + 2;         // int64, 8-byte aligned (slots are)
+constexpr int kSlotInputWeightsOffset = kSlotInputXOffset + 2;  // int64
+constexpr int kSlotInputRowsOffset = kSlotInputWeightsOffset + 2;
+constexpr int kNumNotifySlotInts = kSlotInputRowsOffset + 2;
+static_assert(kSlotInputXOffset % 2 == 0 && kNumNotifySlotInts % 2 == 0, "int64 slot fields must stay 8-byte aligned");
 
 // The outputs of a dispatch that senders may write directly (zero copy), each a block of the receiver's output arena.
 enum DispatchOutput { kOutX = 0, kOutScales, kOutTopkIdx, kOutTopkWeights, kOutSrcIdx, kNumDispatchOutputs };
@@ -84,8 +93,11 @@ struct NvlBufferLayout {
         return heads_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
     }
     HEP_HOST_DEVICE static constexpr size_t record_offset() { return claims_offset() + sizeof(int) * kNumClaims; }
+    HEP_HOST_DEVICE static constexpr size_t reads_done_offset() {
+        return record_offset() + sizeof(int64_t) * kNumRecordOffsets + sizeof(int);
+    }
     HEP_HOST_DEVICE static constexpr size_t data_offset() {
-        return align(record_offset() + sizeof(int64_t) * kNumRecordOffsets + sizeof(int));
+        return align(reads_done_offset() + sizeof(int) * kNumMaxNvlRanks);
     }
     HEP_HOST_DEVICE size_t num_total_bytes() const { return data_offset() + num_data_bytes; }
 
@@ -122,6 +134,11 @@ struct NvlBufferLayout {
     HEP_HOST_DEVICE static int* record_tag(void* base) {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + record_offset() +
                                       sizeof(int64_t) * kNumRecordOffsets);
+    }
+    // Reads-done flag of `src_rank` in the buffer starting at `base`: set by src_rank once it has finished reading
+    // the combine inputs of this buffer's owner.
+    HEP_HOST_DEVICE static int* reads_done(void* base, int src_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + reads_done_offset()) + src_rank;
     }
     // Start of the data region of the buffer starting at `base`.
     HEP_HOST_DEVICE static uint8_t* data(void* base) { return static_cast<uint8_t*>(base) + data_offset(); }

@@ -40,9 +40,10 @@ __device__ __forceinline__ void nvl_barrier(void* const* buffer_ptrs, int rank, 
     __syncthreads();
 }
 
-// Zeroes the ring tails and heads and the work claims of this rank's own buffer (device/layout.cuh). Called by every
-// thread of one block between two synchronisations with the peers: after a barrier (no peer still writes them for
-// an earlier call) and before the peers may write them again (a second barrier, or a release they wait for).
+// Zeroes the ring tails and heads, the work claims and the reads-done flags of this rank's own buffer
+// (device/layout.cuh). Called by every thread of one block between two synchronisations with the peers: after a barrier
+// (no peer still writes them for an earlier call) and before the peers may write them again (a second barrier, or a
+// release they wait for).
 __device__ __forceinline__ void reset_ring_counters(void* local_buffer) {
     int* tails = NvlBufferLayout::tail(local_buffer, 0, 0);
     int* heads = NvlBufferLayout::head(local_buffer, 0, 0);
@@ -50,6 +51,8 @@ __device__ __forceinline__ void reset_ring_counters(void* local_buffer) {
         tails[i] = heads[i] = 0;
     for (int i = threadIdx.x; i < NvlBufferLayout::kNumClaims; i += blockDim.x)
         *NvlBufferLayout::claim(local_buffer, i) = 0;
+    for (int i = threadIdx.x; i < kNumMaxNvlRanks; i += blockDim.x)
+        *NvlBufferLayout::reads_done(local_buffer, i) = 0;
     __syncthreads();
 }
 

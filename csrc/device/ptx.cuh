@@ -194,6 +194,23 @@ __device__ __forceinline__ float ld_cg_f32(const float* ptr) {
     return v;
 }
 
+// 16-byte load from shared memory at the `.shared::cta` address `addr` (from `smem_addr`).
+__device__ __forceinline__ int4 ld_shared_v4(uint32_t addr) {
+    int4 v;
+    asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(addr)
+                 : "memory");
+    return v;
+}
+
+// 4-byte float load from shared memory at the `.shared::cta` address `addr`.
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
+
 // 16-byte store that does not allocate in L1 (outputs and peers' rings).
 __device__ __forceinline__ void st_na_v4(int4* ptr, const int4& v) {
     asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};"

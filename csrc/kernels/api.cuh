@@ -98,9 +98,17 @@ struct NotifyCombineParams {
     int num_ranks;                       // ranks of the NVLink domain
     int64_t num_timeout_cycles;          // bound of every wait on a peer
     int num_tokens;                      // tokens of this rank (rows of the combine output)
+    int64_t x_offset;                    // offset of the combine's x in this rank's output arena, or kInputNotInArena
+    int64_t weights_offset;  // offset of its top-k weights there, kInputNotInArena, or kInputAbsent (no weights)
+    int num_x_rows;          // rows of x
 };
 
-// The prelude of a combine (kernels/intranode/notify.cu): a barrier, then this rank's token count to every rank.
+// Values of NotifyCombineParams' offsets other than an offset (kernels/intranode/combine_inputs.cuh).
+constexpr int64_t kInputNotInArena = -1;
+constexpr int64_t kInputAbsent = -2;
+
+// The prelude of a combine (kernels/intranode/notify.cu): a barrier, then this rank's token count and where its
+// inputs lie to every rank.
 void notify_combine(const NotifyCombineParams& params, cudaStream_t stream);
 
 // Most ranks the dispatch and combine kernels serve (one lane or unrolled register slot per rank).
@@ -172,10 +180,25 @@ struct CombineParams {
     int num_blocks;                         // blocks of the kernel (Config.num_sms)
     int num_ring_slots;                     // rows per ring
     int num_chunk_tokens;                   // a sender publishes its progress every this many rows
+    void* arena_ptrs[kNumMaxKernelRanks];   // [num_ranks] output arena of each rank (peer mappings), or nullptr
 };
 
 // Checks the arguments of `intranode_combine` (throws HEPException) without enqueuing anything.
 void check_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit);
+
+// The work-claim counter (device/layout.cuh) in which the pulling combine counts this rank's finished blocks: nonzero
+// after a combine that pulled, zero after one that pushed (the prelude zeroes it).
+constexpr int kCombinePullFinishClaim = NvlBufferLayout::kNumClaims - 1;
+
+// Returns: whether the pulling combine (kernels/intranode/combine_pull.cu) serves rows of `hidden` BF16 values
+// among `num_ranks` ranks on a device with `smem_limit` bytes of shared memory per block. The same on every rank.
+bool is_combine_pull_supported(int num_ranks, int hidden, int smem_limit);
+
+// The combine when every rank's x (and top-k weights, if any) lie in its output arena: each rank reads the copies
+// of its tokens from the peers' inputs over NVLink and sums them (kernels/intranode/combine_pull.cu), on `stream`,
+// after notify_combine. The kernel ends at once unless every rank published arena inputs; intranode_combine, enqueued
+// after it, ends at once if they did. Precondition: is_combine_pull_supported.
+void intranode_combine_pull(const CombineParams& params, int smem_limit, cudaStream_t stream);
 
 // Brings every received row back to its source and sums the copies of each token in rank order
 // (kernels/intranode/combine.cu), on `stream`. Needs notify_combine just before it on the same stream.

@@ -483,7 +483,7 @@ void NvlRuntime::combine(const at::Tensor& x, const std::optional<at::Tensor>& t
                          const at::Tensor& send_head, const std::optional<at::Tensor>& bias_0,
                          const std::optional<at::Tensor>& bias_1, const at::Tensor& combined_x,
                          const std::optional<at::Tensor>& combined_topk_weights, int64_t num_sms,
-                         int64_t num_ring_slots, int64_t num_chunk_tokens) {
+                         int64_t num_ring_slots, int64_t num_chunk_tokens, bool allow_pull) {
     HEP_CHECK(peers_open_, "combine: open_peers has not run");
     check_tensor(x, "x", at::kBFloat16, 2, device_idx_);
     check_tensor(rank_prefix_matrix, "rank_prefix_matrix", at::kInt, 2, device_idx_);
@@ -537,10 +537,47 @@ void NvlRuntime::combine(const at::Tensor& x, const std::optional<at::Tensor>& t
     kernels::NotifyCombineParams notify{};
     fill_domain(notify);
     notify.num_tokens = static_cast<int>(num_tokens);
+    // Where the inputs lie: when every rank's lie in its output arena, each rank pulls its tokens' copies from the
+    // peers' inputs (kernels/intranode/combine_inputs.cuh). A rank with no rows has nothing to read.
+    for (int p = 0; p < num_ranks_; ++p)
+        params.arena_ptrs[p] = arena_ptrs_[p];
+    // NOTES: rows of x are read with bulk copies, which need 16-byte-aligned addresses.
+    const auto input_offset = [&](const at::Tensor& t, size_t alignment) -> int64_t {
+        if (t.numel() == 0)
+            return 0;
+        if (!arena_ || reinterpret_cast<uintptr_t>(t.data_ptr()) % alignment != 0)
+            return kernels::kInputNotInArena;
+        return arena_->offset_of(t.data_ptr(), t.nbytes());
+    };
+    const bool is_pull_supported =
+        allow_pull && kernels::is_combine_pull_supported(num_ranks_, params.hidden, smem_limit_);
+    notify.x_offset = is_pull_supported ? input_offset(x, 16) : kernels::kInputNotInArena;
+    notify.weights_offset = topk_weights.has_value() ? input_offset(*topk_weights, 4) : kernels::kInputAbsent;
+    notify.num_x_rows = static_cast<int>(x.size(0));
     // NOTES: checked before the prelude is enqueued, so a rejected call leaves no barrier half-done.
     kernels::check_combine(params, layout_.num_data_bytes, smem_limit_);
     kernels::notify_combine(notify, stream);
+    // The pulling kernel only where this rank's inputs allow it (it ends at once unless every rank's do); the
+    // pushing kernel always (it ends at once if they did).
+    if (notify.x_offset >= 0 && notify.weights_offset != kernels::kInputNotInArena)
+        kernels::intranode_combine_pull(params, smem_limit_, stream);
     kernels::intranode_combine(params, layout_.num_data_bytes, smem_limit_, stream);
+}
+
+int64_t NvlRuntime::arena_offset(const at::Tensor& t) const {
+    if (!arena_ || !t.is_cuda() || t.device().index() != device_idx_ || t.numel() == 0)
+        return -1;
+    return arena_->offset_of(t.data_ptr(), t.nbytes());
+}
+
+bool NvlRuntime::last_combine_pulled() const {
+    HEP_CHECK(peers_open_, "last_combine_pulled: open_peers has not run");
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_idx_));
+    CUDA_CHECK(cudaStreamSynchronize(c10::cuda::getCurrentCUDAStream()));
+    int finished = 0;
+    CUDA_CHECK(cudaMemcpy(&finished, NvlBufferLayout::claim(local_ptr_, kernels::kCombinePullFinishClaim), sizeof(int),
+                          cudaMemcpyDeviceToHost));
+    return finished > 0;
 }
 
 std::tuple<int64_t, std::vector<int64_t>, std::tuple<int64_t, int64_t, int64_t>> NvlRuntime::wait_recv_counts(
@@ -636,7 +673,9 @@ void register_apis(pybind11::module_& m) {
              pybind11::arg("recv_src_idx"), pybind11::arg("is_token_in_rank"), pybind11::arg("send_head"),
              pybind11::arg("bias_0"), pybind11::arg("bias_1"), pybind11::arg("combined_x"),
              pybind11::arg("combined_topk_weights"), pybind11::arg("num_sms"), pybind11::arg("num_ring_slots"),
-             pybind11::arg("num_chunk_tokens"))
+             pybind11::arg("num_chunk_tokens"), pybind11::arg("allow_pull") = true)
+        .def("last_combine_pulled", &NvlRuntime::last_combine_pulled)
+        .def("arena_offset", &NvlRuntime::arena_offset, pybind11::arg("tensor"))
         .def_static("ring_bytes_hint", &ring_bytes_hint_py, pybind11::arg("hidden_bytes"), pybind11::arg("num_ranks"),
                     pybind11::arg("num_blocks"), pybind11::arg("num_slots"))
         .def("wait_recv_counts", &NvlRuntime::wait_recv_counts, pybind11::arg("num_local_experts"))

@@ -119,16 +119,24 @@ public:
                   const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_src_idx,
                   const std::optional<at::Tensor>& recv_topk_idx, const std::optional<at::Tensor>& recv_topk_weights,
                   int64_t num_local_experts, int64_t num_channels, int64_t num_ring_slots, int64_t num_chunk_tokens);
-    // Enqueues notify_combine and the combine kernel on the current stream (kernels/intranode/combine.cu).
+    // Enqueues notify_combine and the combine kernels on the current stream: the pulling one when every rank's x
+    // (and weights) lie in its output arena and `allow_pull` (kernels/intranode/combine_pull.cu), else the pushing one
+    // (kernels/intranode/combine.cu); the choice is made on the device, the same on every rank.
     // Arguments: x [num_rows, hidden] bf16, topk_weights [num_rows, num_topk] float32 or None, the handle's
     //     rank_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank and send_head, biases
-    //     [num_tokens, hidden] bf16 or None, the outputs, the config's SMs and ring sizes.
+    //     [num_tokens, hidden] bf16 or None, the outputs, the config's SMs and ring sizes, and whether this rank
+    //     offers its inputs for pulling.
     void combine(const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
                  const at::Tensor& rank_prefix_matrix, const at::Tensor& recv_channel_prefix_matrix,
                  const at::Tensor& recv_src_idx, const at::Tensor& is_token_in_rank, const at::Tensor& send_head,
                  const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
                  const at::Tensor& combined_x, const std::optional<at::Tensor>& combined_topk_weights, int64_t num_sms,
-                 int64_t num_ring_slots, int64_t num_chunk_tokens);
+                 int64_t num_ring_slots, int64_t num_chunk_tokens, bool allow_pull);
+    // Returns (after synchronising the current stream): whether this rank's last combine pulled, i.e. every rank's
+    // inputs lay in its output arena (kernels/intranode/combine_inputs.cuh). A diagnostic for tests and tuning.
+    bool last_combine_pulled() const;
+    // Returns: the offset of `t`'s bytes in this rank's output arena, or -1 where they lie elsewhere (or t is empty).
+    int64_t arena_offset(const at::Tensor& t) const;
     // Waits (bounded by the timeout, GIL released) for the host copy of the last notify's counts.
     // Returns: (rows this rank receives, aligned receive count of each of its `num_local_experts` experts,
     //     (first rank whose rows exceed its num_worst_tokens or -1, its rows, its num_worst_tokens)).

@@ -28,6 +28,8 @@
 //     released).
 // Counters start every call at zero: notify_combine zeroes this rank's own after its barrier, before the peers
 // may see its epoch.
+// This kernel pushes; when every rank's inputs lie in its output arena it ends at once, as the pulling kernel
+// (kernels/intranode/combine_pull.cu) did the work (kernels/intranode/combine_inputs.cuh).
 // Preconditions: notify_combine ran just before on this stream; the handle comes from a dispatch of this Buffer.
 #include <cuda_bf16.h>
 
@@ -40,6 +42,7 @@
 #include "device/layout.cuh"
 #include "device/ptx.cuh"
 #include "kernels/api.cuh"
+#include "kernels/intranode/combine_inputs.cuh"
 #include "kernels/launch.cuh"
 #include "runtime/exception.hpp"
 
@@ -517,21 +520,14 @@ __global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
     combine_kernel(const __grid_constant__ CombineParams params) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ UnitSplit split;
-    // Every rank's token count, published by notify_combine in this call (tagged with the barrier epoch).
-    if (threadIdx.x < params.num_ranks) {
-        const int epoch = *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]);
-        const int* slot = NvlBufferLayout::notify_slot(params.buffer_ptrs[params.rank], threadIdx.x);
-        timeout_while(params.num_timeout_cycles, [&](bool is_last_check) {
-            const int observed = ptx::ld_acquire_sys(slot + kSlotEpochOffset);
-            if (observed != epoch && is_last_check)
-                printf(
-                    "hybrid_ep combine timeout: rank %d waits for the token count of peer %d: expected epoch %d, "
-                    "observed %d\n",
-                    params.rank, static_cast<int>(threadIdx.x), epoch, observed);
-            return observed != epoch;
-        });
-        split.num_tokens[threadIdx.x] = ptx::ld_cg(slot + kSlotNumTokensOffset);
-    }
+    // Every rank's token count and inputs, published by notify_combine in this call. When every rank's inputs lie
+    // in its arena, the pulling kernel enqueued before this one did the work.
+    __shared__ CombineInputs inputs;
+    read_combine_inputs(params, inputs);
+    if (inputs.is_pull)
+        return;
+    if (threadIdx.x < params.num_ranks)
+        split.num_tokens[threadIdx.x] = inputs.num_tokens[threadIdx.x];
     __syncthreads();
     if (threadIdx.x == 0) {
         int max_per_channel = 1;

@@ -9,7 +9,7 @@
 //      rank receives, published to mapped host memory for the host's bounded poll (count last, with a system-scope
 //      release, after the per-expert counts).
 // `notify_combine` is the prelude of a combine: barrier, then the token count of every rank (the combine kernel's
-// receivers split their tokens like the senders do).
+// receivers split their tokens like the senders do) and where its inputs lie (kernels/intranode/combine_inputs.cuh).
 // Preconditions: all ranks call it with the same num_experts and num_channels; host_recv_counts[0] was set to -1.
 #include <cstdio>
 
@@ -185,8 +185,9 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
 // the ring counters (4096 ints and the claims).
 constexpr int kNumPreludeThreads = 256;
 
-// The combine prelude: a barrier (every rank is done with the previous call's rings and slots), then this rank's
-// token count and the barrier's epoch into slot `rank` of every rank. The combine kernel polls the epoch.
+// The combine prelude: a barrier (every rank is done with the previous call's rings and slots, and its inputs are
+// written), then this rank's token count, where its inputs lie and the barrier's epoch into slot `rank` of every
+// rank. The combine kernels poll the epoch.
 __global__ void __launch_bounds__(kNumPreludeThreads)
     notify_combine_kernel(const __grid_constant__ NotifyCombineParams params) {
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "combine (entry)");
@@ -197,6 +198,9 @@ __global__ void __launch_bounds__(kNumPreludeThreads)
     if (threadIdx.x < params.num_ranks) {
         int* slot = NvlBufferLayout::notify_slot(params.buffer_ptrs[threadIdx.x], params.rank);
         slot[kSlotNumTokensOffset] = params.num_tokens;
+        *reinterpret_cast<int64_t*>(slot + kSlotInputXOffset) = params.x_offset;
+        *reinterpret_cast<int64_t*>(slot + kSlotInputWeightsOffset) = params.weights_offset;
+        slot[kSlotInputRowsOffset] = params.num_x_rows;
         ptx::st_release_sys(slot + kSlotEpochOffset, epoch);
     }
 }

@@ -4,10 +4,13 @@ Every GPU test opens one Buffer with `num_nvl_bytes` sized from the hints of the
 scenarios in one process group:
   * `test_sweep`: token counts 0 to 8192 (different per rank), hidden 2048/4096/7168, top-1 to top-8 with -1 holes,
     1/8/64 experts per rank, uniform/skewed/empty routing, BF16 and FP8, expert_alignment, num_worst_tokens, cached
-    dispatch and num_sms 2 to 24 with small rings that wrap; every output and every handle entry is checked.
-  * `test_back_to_back`: 1000 dispatch/combine pairs whose routing, sizes and Config change every iteration.
-  * `test_combine_is_deterministic`: random (inexact) data; the same combine twice is bitwise equal, and equal to
-    the contract's fixed summation order.
+    dispatch and num_sms 2 to 24 with small rings that wrap; every output and every handle entry is checked. Each
+    case combines twice: from plain tensors (pushed through the rings) and from the output arena (pulled), and
+    every rank checks that a combine pulled exactly when every rank's inputs lay in its arena.
+  * `test_back_to_back`: 1000 dispatch/combine pairs whose routing, sizes and Config change every iteration
+    (combines alternately pushed and pulled).
+  * `test_combine_is_deterministic`: random (inexact) data; the same combine twice is bitwise equal, pulled equal
+    to pushed, and equal to the contract's fixed summation order.
   * `test_nvl_bytes_too_small`: a Config that does not fit is rejected naming num_nvl_bytes; one that fits works.
 `test_checks_on_gloo` runs the same workers at small sizes on 2 gloo ranks (the reference backend), so the
 expectations and the checks themselves run on machines without GPUs.

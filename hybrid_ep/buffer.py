@@ -477,6 +477,8 @@ class Buffer:
         Arguments:
             handle: the handle dispatch returned (its row count is the tensor's).
             hidden: the row width.
+        Returns:
+            an uninitialised `[num_recv_tokens, hidden]` torch.bfloat16 tensor on the handle's device.
         """
         self._check_alive()
         checks.check_int("hidden", hidden, 1)

@@ -20,8 +20,9 @@
 // blocks have taken (kernels/intranode/dispatch.cu). Every rank zeroes its own counters at the start of each call,
 // between two synchronisations with its peers (device/nvl_barrier.cuh reset_ring_counters).
 //
-// Reads done (pulling combine, kernels/intranode/combine_pull.cu): entry p of rank r's buffer is set by rank p once
-// all of p's blocks have finished reading r's combine inputs; r's kernel ends only after every peer's.
+// Reads done (pulling combine, kernels/intranode/combine_pull.cu): entry p of rank r's buffer counts what rank p's
+// blocks have finished reading of r's combine inputs (each block adds its share as it finishes; complete at a fixed
+// total); r's kernel ends only after every peer's is complete.
 //
 // The output record says where a dispatch may write this rank's outputs directly: the offset of each output
 // (DispatchOutput below) in the rank's output arena, -1 for one the call does not have, or -1 for recv_x where rows
@@ -135,8 +136,8 @@ struct NvlBufferLayout {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + record_offset() +
                                       sizeof(int64_t) * kNumRecordOffsets);
     }
-    // Reads-done flag of `src_rank` in the buffer starting at `base`: set by src_rank once it has finished reading
-    // the combine inputs of this buffer's owner.
+    // Reads-done count of `src_rank` in the buffer starting at `base`: what src_rank's blocks have finished reading
+    // of the combine inputs of this buffer's owner.
     HEP_HOST_DEVICE static int* reads_done(void* base, int src_rank) {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + reads_done_offset()) + src_rank;
     }

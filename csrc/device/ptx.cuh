@@ -241,6 +241,28 @@ __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
     asm volatile("st.relaxed.sys.global.s32 [%0], %1;" : : "l"(ptr), "r"(value) : "memory");
 }
 
+// Adds `value` to `*ptr` at system scope with no ordering: for a count whose waiter needs nothing this thread wrote.
+__device__ __forceinline__ void red_add_relaxed_sys(int* ptr, int value) {
+    asm volatile("red.relaxed.sys.global.add.s32 [%0], %1;" : : "l"(ptr), "r"(value) : "memory");
+}
+
+// Adds `value` to `*ptr` at device scope with no ordering.
+__device__ __forceinline__ void red_add_relaxed_gpu(int* ptr, int value) {
+    asm volatile("red.relaxed.gpu.global.add.s32 [%0], %1;" : : "l"(ptr), "r"(value) : "memory");
+}
+
+// Programmatic dependent launch: lets the next kernel of the stream, if launched with programmatic stream
+// serialization, start once every block of this one has called this or ended. No effect otherwise.
+__device__ __forceinline__ void griddep_launch_dependents() {
+    asm volatile("griddepcontrol.launch_dependents;" : : : "memory");
+}
+
+// Programmatic dependent launch: waits until the kernels this one depends on have completed and their writes are
+// visible. Returns at once in a kernel launched without programmatic stream serialization.
+__device__ __forceinline__ void griddep_wait() {
+    asm volatile("griddepcontrol.wait;" : : : "memory");
+}
+
 // Waits at named barrier `barrier_idx` (1..15; 0 is __syncthreads) for `num_threads` threads (a multiple of 32).
 __device__ __forceinline__ void named_barrier_sync(int barrier_idx, int num_threads) {
     asm volatile("bar.sync %0, %1;" : : "r"(barrier_idx), "r"(num_threads) : "memory");

@@ -196,12 +196,14 @@ bool is_combine_pull_supported(int num_ranks, int hidden, int smem_limit);
 
 // The combine when every rank's x (and top-k weights, if any) lie in its output arena: each rank reads the copies
 // of its tokens from the peers' inputs over NVLink and sums them (kernels/intranode/combine_pull.cu), on `stream`,
-// after notify_combine. The kernel ends at once unless every rank published arena inputs; intranode_combine, enqueued
-// after it, ends at once if they did. Precondition: is_combine_pull_supported.
+// after notify_combine and intranode_combine: it is launched programmatically, so its blocks set up while the
+// pushing kernel ahead of it ends. The kernel ends at once unless every rank published arena inputs;
+// intranode_combine ends at once if they did. Precondition: is_combine_pull_supported.
 void intranode_combine_pull(const CombineParams& params, int smem_limit, cudaStream_t stream);
 
 // Brings every received row back to its source and sums the copies of each token in rank order
-// (kernels/intranode/combine.cu), on `stream`. Needs notify_combine just before it on the same stream.
+// (kernels/intranode/combine.cu), on `stream`. Needs notify_combine just before it on the same stream; launched
+// programmatically, it waits for notify_combine's end on the device.
 void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_limit, cudaStream_t stream);
 
 // Parameters of `gather_rows` (kernels/permute.cu).

@@ -3,11 +3,12 @@
 // Preconditions: host code only; no torch headers.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <string>
 #include <type_traits>  // std::integral_constant
+#include <utility>
 
 #include "runtime/exception.hpp"
 
@@ -19,6 +20,26 @@ struct LaunchArgs {
     dim3 block;   // threads per block
     size_t smem;  // dynamic shared memory bytes per block
 };
+
+// Launches `kernel` with `args` on `stream` with programmatic stream serialization: its blocks may start once every
+// block of the kernel ahead of it in the stream has called ptx::griddep_launch_dependents (or ended), so they must
+// call ptx::griddep_wait before touching anything that kernel, or any before it, writes. Under stream capture the
+// graph keeps the same programmatic edge.
+template <typename... KernelParams, typename... Args>
+void launch_programmatic(void (*kernel)(KernelParams...), const LaunchArgs& args, cudaStream_t stream,
+                         Args&&... kernel_args) {
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = args.grid;
+    config.blockDim = args.block;
+    config.dynamicSmemBytes = args.smem;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(kernel_args)...));
+}
 
 // Returns: ceil(a / b) for positive b.
 template <typename T>

@@ -521,8 +521,12 @@ __global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ UnitSplit split;
     // Every rank's token count and inputs, published by notify_combine in this call. When every rank's inputs lie
-    // in its arena, the pulling kernel enqueued before this one did the work.
+    // in its arena, the pulling kernel enqueued after this one does the work.
     __shared__ CombineInputs inputs;
+    // Launched programmatically after notify_combine. The pulling kernel, if enqueued after this one, may start now:
+    // it sets up and then waits for this kernel to end (its blocks stay resident, idle, while this one pushes).
+    ptx::griddep_launch_dependents();
+    ptx::griddep_wait();
     read_combine_inputs(params, inputs);
     if (inputs.is_pull)
         return;
@@ -606,7 +610,8 @@ void intranode_combine(const CombineParams& params, size_t num_nvl_bytes, int sm
         if (smem + static_shared_bytes(kernel) > static_cast<size_t>(smem_limit))
             return false;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<params.num_blocks, num_warps * kWarpSize, smem, stream>>>(params);
+        launch_programmatic(kernel, LaunchArgs{dim3(params.num_blocks), dim3(num_warps * kWarpSize), smem}, stream,
+                            params);
         return true;
     };
     // Each sender gets its own stages, as many as fit (check_combine guarantees two). NOTES: 5 stages for rows of

@@ -21,11 +21,15 @@
 //     NOTES: a unit holds its stages until it is summed, which one warp took long enough to starve the loaders,
 //     while a team of all the warps waited on every unit together (figures at intranode_combine_pull).
 // Every warp reads the routing (send_head) a token ahead, so no warp waits on a load of its own per token.
-// End: the block that finishes last tells every peer that this rank has read all it needed of the peer's inputs
-// (reads-done flag, device/layout.cuh); block 0 waits (bounded) for every peer's flag before the kernel ends, so a
-// rank's combine never completes while a peer may still read its inputs (which the caller may then overwrite).
-// Preconditions: notify_combine ran just before on this stream (its barrier also orders every rank's writes of its
-// inputs before the peers' reads); the handle comes from a dispatch of this Buffer; is_combine_pull_supported.
+// End: every block, once its loads have landed, adds its share to a reads-done count at every peer (device/
+// layout.cuh); the shares of a rank's blocks sum to kReadsDoneTotal whatever their number. Block 0 waits (bounded)
+// until every peer's count is complete before the kernel ends, so a rank's combine never completes while a peer may
+// still read its inputs (which the caller may then overwrite).
+// Start: launched programmatically after intranode_combine (which ends at once when this kernel pulls), so the
+// blocks set up their barriers before the kernels ahead end, then wait for them (griddep_wait).
+// Preconditions: notify_combine and intranode_combine were enqueued just before on this stream (notify_combine's
+// barrier also orders every rank's writes of its inputs before the peers' reads); the handle comes from a dispatch
+// of this Buffer; is_combine_pull_supported.
 #include <cuda_bf16.h>
 
 #include <cstdio>
@@ -46,6 +50,9 @@ namespace {
 constexpr int kNumLoaders = 4;
 constexpr int kNumReduceWarps = 8;
 constexpr int kNumPullWarps = kNumLoaders + kNumReduceWarps;
+// What the blocks of a rank add up to in each peer's reads-done count: block 0 adds kReadsDoneTotal minus the other
+// blocks' 1 each, so a peer needs no block count.
+constexpr int kReadsDoneTotal = 1 << 20;
 constexpr int kGroupTokens = 4;
 constexpr int kMaxStages = 64;
 // Vectors (16 bytes) a reducer lane has in flight: every copy's and the biases' loads of kUnroll vectors are issued
@@ -114,6 +121,10 @@ struct StageRing {
 };
 
 // The tokens of one block: groups blockIdx.x, blockIdx.x + gridDim.x, ... of kGroupTokens tokens.
+// NOTES: the blocks of a rank end up to 20 us apart (of about 500 at 16 SMs on 4 H200 GPUs). Claims from a shared
+// counter, made a little ahead by a scheduler warp into a queue in shared memory, evened them out, but the combine
+// got slower at few SMs: 213.6 / 390.0 / 407.4 GB/s at 8 / 16 / 24 SMs against 231.5 / 394.3 / 403.6 with these
+// fixed shares in the same run.
 struct TokenCursor {
     int num_tokens;
 
@@ -304,13 +315,8 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
     __shared__ uint64_t full_bars[kMaxStages];
     __shared__ uint64_t empty_bars[kMaxStages];
     __shared__ int issued[kMaxStages];
-    read_combine_inputs(params, inputs);
-    if (!inputs.is_pull)
-        return;
 
     const int warp_idx = threadIdx.x / kWarpSize, lane_idx = ptx::get_lane_idx();
-    const StageRing ring{ptx::smem_addr(smem), full_bars,          empty_bars,        issued,
-                         pieces.num_stages,    pieces.stage_bytes, pieces.piece_bytes};
     if (warp_idx == 0 && lane_idx == 0) {
         for (int s = 0; s < pieces.num_stages; ++s) {
             ptx::mbarrier_init(ptx::smem_addr(&full_bars[s]), 1);
@@ -319,38 +325,49 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
         }
         ptx::fence_mbarrier_init();
     }
-    // The peers' inputs were written before their barrier (generic proxy); the loads below are bulk copies.
+    // The kernels ahead of this one (programmatic launch) have ended and their writes are visible after this.
+    ptx::griddep_wait();
+    read_combine_inputs(params, inputs);
+    if (!inputs.is_pull)
+        return;
+    const StageRing ring{ptx::smem_addr(smem), full_bars,          empty_bars,        issued,
+                         pieces.num_stages,    pieces.stage_bytes, pieces.piece_bytes};
+    // The peers' inputs were written before their barrier (generic proxy); the loads below are bulk copies. The
+    // barrier set-up above is ordered before them by read_combine_inputs' block barriers.
     ptx::fence_proxy_async_global();
-    __syncthreads();
 
     if (warp_idx < kNumLoaders)
         run_loader(params, inputs, pieces, ring, warp_idx);
     else
         run_reducer<kMaxRanks, kWarpsPerUnit>(params, inputs, pieces, ring, warp_idx - kNumLoaders);
 
-    // Every load of this block has landed (the reducers waited for all of them).
+    // Every load of this block has landed (the reducers waited for all of them): tell every peer. NOTES: relaxed,
+    // for what the count covers are reads whose data is already in this block's shared memory, which nothing a peer
+    // writes later can change. A release at system scope first waited for this block's stores of combined_x to
+    // drain (5 to 14 us on 4 H200 GPUs), on the path of the last block; with these counts instead of one flag from
+    // the last block, combine at 8 / 16 / 24 SMs went from 229.1 / 387.3 / 397.0 to 231.5 / 394.3 / 403.6 GB/s,
+    // together with the programmatic launches (intranode_combine).
     __syncthreads();
     void* local = params.buffer_ptrs[params.rank];
     if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(NvlBufferLayout::claim(local, kCombinePullFinishClaim), 1) == static_cast<int>(gridDim.x) - 1) {
-            ptx::fence_acq_rel_sys();
-            for (int r = 0; r < params.num_ranks; ++r)
-                if (r != params.rank)
-                    ptx::st_release_sys(NvlBufferLayout::reads_done(params.buffer_ptrs[r], params.rank), 1);
-        }
+        const int share = blockIdx.x == 0 ? kReadsDoneTotal - (static_cast<int>(gridDim.x) - 1) : 1;
+        for (int r = 0; r < params.num_ranks; ++r)
+            if (r != params.rank)
+                ptx::red_add_relaxed_sys(NvlBufferLayout::reads_done(params.buffer_ptrs[r], params.rank), share);
+        ptx::red_add_relaxed_gpu(NvlBufferLayout::claim(local, kCombinePullFinishClaim), 1);
     }
+    // Block 0 ends once every peer has read all it needed of this rank's inputs.
     const int peer = threadIdx.x;
     if (blockIdx.x == 0 && peer < params.num_ranks && peer != params.rank) {
-        const int* flag = NvlBufferLayout::reads_done(local, peer);
+        const int* count = NvlBufferLayout::reads_done(local, peer);
         timeout_while(params.num_timeout_cycles, [&](bool is_last_check) {
-            const int observed = ptx::ld_acquire_sys(flag);
-            if (observed == 0 && is_last_check)
+            const int observed = ptx::ld_acquire_sys(count);
+            if (observed != kReadsDoneTotal && is_last_check)
                 printf(
                     "hybrid_ep combine timeout: rank %d waits for peer %d to finish reading its inputs: expected "
-                    "flag 1, observed %d\n",
-                    params.rank, peer, observed);
-            return observed == 0;
+                    "count %d, observed %d\n",
+                    params.rank, peer, kReadsDoneTotal, observed);
+            return observed != kReadsDoneTotal;
         });
     }
 }
@@ -389,7 +406,8 @@ void intranode_combine_pull(const CombineParams& params, int smem_limit, cudaStr
         const auto go = [&](auto kernel) {
             CUDA_CHECK(
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-            kernel<<<params.num_blocks, kNumPullWarps * kWarpSize, smem, stream>>>(params, pieces);
+            launch_programmatic(kernel, LaunchArgs{dim3(params.num_blocks), dim3(kNumPullWarps * kWarpSize), smem},
+                                stream, params, pieces);
         };
         if (warps_per_unit == 4)
             go(pull_kernel<kMaxRanks, 4>());

@@ -190,6 +190,8 @@ constexpr int kNumPreludeThreads = 256;
 // rank. The combine kernels poll the epoch.
 __global__ void __launch_bounds__(kNumPreludeThreads)
     notify_combine_kernel(const __grid_constant__ NotifyCombineParams params) {
+    // The combine kernels after it are launched programmatically and wait for this kernel's end before they read.
+    ptx::griddep_launch_dependents();
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "combine (entry)");
     // Peers write this rank's counters only after they saw its epoch below.
     reset_ring_counters(params.buffer_ptrs[params.rank]);

@@ -2,8 +2,9 @@
 `hybrid_ep.tune`): `parallel_launch(num_ranks, worker, *args, backend=...)`.
 
 Each process joins a fresh process group (NCCL with one GPU per rank, or gloo on the CPU) and runs
-`worker(pg, *args)`, `pg` a `ProcessGroupInfo`. A failure in any rank fails the launch with that rank's traceback;
-a launch that outlives its timeout is killed and fails, so no run waits forever on a peer. `worker` must be a
+`worker(pg, *args)`, `pg` a `ProcessGroupInfo`. A failure in any rank fails the launch with a `LaunchError` that
+gives every failed rank's traceback, the first to fail first; a launch that outlives its timeout is killed and fails,
+so no run waits forever on a peer. Each rank frees its process group before its interpreter exits. `worker` must be a
 module-level function (processes are spawned, so it is pickled by name). The multi-process tests launch through
 here too (tests/distributed.py), with shorter timeouts.
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
+import os
+import pickle
 import time
 from typing import Any, Callable, Optional
 
@@ -21,6 +25,22 @@ import torch.multiprocessing as mp
 
 # How long a rank may wait in a host-side collective before it fails.
 COLLECTIVE_TIMEOUT_S = 300
+# After a rank fails: how long the others may take to end on their own (and report their own errors) before they
+# are stopped.
+FAILURE_GRACE_S = 10
+
+
+class LaunchError(RuntimeError):
+    """Ranks of a launch failed. The message gives every failed rank's traceback, the first to fail first (a rank
+    that fails first is the cause; its peers then often fail in a collective, "Connection closed by peer").
+
+    Attributes:
+        ranks: the failed ranks, in the order they failed.
+    """
+
+    def __init__(self, message: str, ranks: list):
+        super().__init__(message)
+        self.ranks = ranks
 
 
 @dataclasses.dataclass
@@ -115,6 +135,12 @@ def _worker(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        # NOTES: objects of `fn` caught in reference cycles (a frame kept by a caught exception's traceback, say)
+        # can keep the process group alive into interpreter shutdown. Its gloo worker threads then free their last
+        # work there, which takes the GIL from a thread the shutting-down interpreter ends, and the process aborts
+        # ("terminate called without an active exception", about 1 run in 50 of test_hybrid_ep_buffer's
+        # rejection test). Collecting here frees the group, and joins those threads, while the interpreter lives.
+        gc.collect()
 
 
 def parallel_launch(
@@ -146,9 +172,35 @@ def parallel_launch(
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{num_ranks} ranks of {fn.__name__} did not finish within {timeout_s} s")
+    try:
+        while not context.join(timeout=1.0, grace_period=FAILURE_GRACE_S):
+            if time.monotonic() > deadline:
+                for p in context.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"{num_ranks} ranks of {fn.__name__} did not finish within {timeout_s} s")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as failure:
+        raise _launch_error(context, fn.__name__, failure) from None
+
+
+def _launch_error(context: Any, name: str, failure: Exception) -> Exception:
+    """Returns: a LaunchError with every rank's traceback, ordered by when the rank wrote it, after `failure` (the
+    first failure torch's join noticed, which need not be the first to happen); `failure` itself when no rank left
+    a traceback (a rank killed by a signal)."""
+    failed = []
+    for rank, path in enumerate(context.error_files):
+        try:
+            when = os.stat(path).st_mtime_ns
+            with open(path, "rb") as f:
+                trace = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            continue
+        failed.append((when, rank, str(trace).rstrip()))
+    if not failed:
+        return failure
+    failed.sort()
+    num_ranks = len(context.processes)
+    parts = [f"{len(failed)} of {num_ranks} ranks of {name} failed; rank {failed[0][1]} first:", failed[0][2]]
+    for _, rank, trace in failed[1:]:
+        parts += ["", f"rank {rank} failed after it:", trace]
+    return LaunchError("\n".join(parts), [rank for _, rank, _ in failed])

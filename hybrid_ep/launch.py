@@ -16,6 +16,7 @@ import datetime
 import gc
 import os
 import pickle
+import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -31,11 +32,12 @@ FAILURE_GRACE_S = 10
 
 
 class LaunchError(RuntimeError):
-    """Ranks of a launch failed. The message gives every failed rank's traceback, the first to fail first (a rank
-    that fails first is the cause; its peers then often fail in a collective, "Connection closed by peer").
+    """Ranks of a launch failed. The message names every failed rank: those that died without a traceback (a
+    signal, an exit code), then every traceback, the first written first (a rank that fails first is the cause; its
+    peers then often fail in a collective, "Connection closed by peer").
 
     Attributes:
-        ranks: the failed ranks, in the order they failed.
+        ranks: the failed ranks in that order.
     """
 
     def __init__(self, message: str, ranks: list):
@@ -184,23 +186,29 @@ def parallel_launch(
 
 
 def _launch_error(context: Any, name: str, failure: Exception) -> Exception:
-    """Returns: a LaunchError with every rank's traceback, ordered by when the rank wrote it, after `failure` (the
-    first failure torch's join noticed, which need not be the first to happen); `failure` itself when no rank left
-    a traceback (a rank killed by a signal)."""
-    failed = []
-    for rank, path in enumerate(context.error_files):
+    """Returns: a LaunchError naming every failed rank: first those that died without a traceback (a signal other than
+    the SIGTERM / SIGKILL that stop the survivors, or an exit code), then those that left one, in the order they
+    wrote it. `failure` (the first failure torch's join noticed, which need not be the first to happen) itself when
+    no rank did either."""
+    died, raised = [], []
+    for rank, (process, path) in enumerate(zip(context.processes, context.error_files)):
         try:
             when = os.stat(path).st_mtime_ns
             with open(path, "rb") as f:
                 trace = pickle.load(f)
         except (OSError, EOFError, pickle.UnpicklingError):
+            code = process.exitcode
+            if code is not None and code > 0:
+                died.append((rank, f"rank {rank} exited with code {code}, without a traceback"))
+            elif code is not None and code < 0 and -code not in (signal.SIGTERM, signal.SIGKILL):
+                died.append((rank, f"rank {rank} died of signal {signal.Signals(-code).name}, without a traceback"))
             continue
-        failed.append((when, rank, str(trace).rstrip()))
-    if not failed:
+        raised.append((when, rank, str(trace).rstrip()))
+    if not died and not raised:
         return failure
-    failed.sort()
-    num_ranks = len(context.processes)
-    parts = [f"{len(failed)} of {num_ranks} ranks of {name} failed; rank {failed[0][1]} first:", failed[0][2]]
-    for _, rank, trace in failed[1:]:
-        parts += ["", f"rank {rank} failed after it:", trace]
-    return LaunchError("\n".join(parts), [rank for _, rank, _ in failed])
+    raised.sort()
+    parts = [f"{len(died) + len(raised)} of {len(context.processes)} ranks of {name} failed:"]
+    parts += [line for _, line in died]
+    for i, (_, rank, trace) in enumerate(raised):
+        parts += ["", f"rank {rank} failed{' first' if i == 0 and not died else ''}:", trace]
+    return LaunchError("\n".join(parts), [rank for rank, _ in died] + [rank for _, rank, _ in raised])

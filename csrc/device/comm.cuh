@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 
 #include "device/ptx.cuh"
 
@@ -37,6 +38,20 @@ __device__ __forceinline__ void timeout_while(int64_t num_timeout_cycles, const 
             return;
         }
     }
+}
+
+// Waits (bounded) until the int at `ptr`, which peer `peer` writes, reads `expected` (system-scope acquire, so
+// what the peer wrote before it is visible after). On timeout prints "hybrid_ep <op> timeout: rank <rank> waits
+// for <awaited> of peer <peer>: expected <expected>, observed <value>" and traps.
+__device__ __forceinline__ void wait_peer_value(const int* ptr, int expected, int64_t num_timeout_cycles,
+                                                const char* op, int rank, const char* awaited, int peer) {
+    timeout_while(num_timeout_cycles, [&](bool is_last_check) {
+        const int observed = ptx::ld_acquire_sys(ptr);
+        if (observed != expected && is_last_check)
+            printf("hybrid_ep %s timeout: rank %d waits for %s of peer %d: expected %d, observed %d\n", op, rank,
+                   awaited, peer, expected, observed);
+        return observed != expected;
+    });
 }
 
 }  // namespace hybrid_ep

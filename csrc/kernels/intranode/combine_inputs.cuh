@@ -7,8 +7,6 @@
 // Preconditions: header-only; notify_combine ran just before on the same stream.
 #pragma once
 
-#include <cstdio>
-
 #include "device/comm.cuh"
 #include "device/layout.cuh"
 #include "device/ptx.cuh"
@@ -32,15 +30,8 @@ __device__ __forceinline__ void read_combine_inputs(const CombineParams& p, Comb
     if (r < p.num_ranks) {
         const int epoch = *NvlBufferLayout::epoch(p.buffer_ptrs[p.rank]);
         const int* slot = NvlBufferLayout::notify_slot(p.buffer_ptrs[p.rank], r);
-        timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
-            const int observed = ptx::ld_acquire_sys(slot + kSlotEpochOffset);
-            if (observed != epoch && is_last_check)
-                printf(
-                    "hybrid_ep combine timeout: rank %d waits for the token count of peer %d: expected epoch %d, "
-                    "observed %d\n",
-                    p.rank, r, epoch, observed);
-            return observed != epoch;
-        });
+        wait_peer_value(slot + kSlotEpochOffset, epoch, p.num_timeout_cycles, "combine", p.rank,
+                        "the token count (notify slot epoch)", r);
         inputs.num_tokens[r] = ptx::ld_cg(slot + kSlotNumTokensOffset);
         inputs.num_x_rows[r] = ptx::ld_cg(slot + kSlotInputRowsOffset);
         x_offsets[r] = ptx::ld_cg_s64(reinterpret_cast<const int64_t*>(slot + kSlotInputXOffset));

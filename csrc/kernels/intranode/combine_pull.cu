@@ -359,16 +359,8 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
     // Block 0 ends once every peer has read all it needed of this rank's inputs.
     const int peer = threadIdx.x;
     if (blockIdx.x == 0 && peer < params.num_ranks && peer != params.rank) {
-        const int* count = NvlBufferLayout::reads_done(local, peer);
-        timeout_while(params.num_timeout_cycles, [&](bool is_last_check) {
-            const int observed = ptx::ld_acquire_sys(count);
-            if (observed != kReadsDoneTotal && is_last_check)
-                printf(
-                    "hybrid_ep combine timeout: rank %d waits for peer %d to finish reading its inputs: expected "
-                    "count %d, observed %d\n",
-                    params.rank, peer, kReadsDoneTotal, observed);
-            return observed != kReadsDoneTotal;
-        });
+        wait_peer_value(NvlBufferLayout::reads_done(local, peer), kReadsDoneTotal, params.num_timeout_cycles, "combine",
+                        params.rank, "the end of the reads of this rank's inputs (reads-done count)", peer);
     }
 }
 

@@ -149,15 +149,8 @@ __device__ __forceinline__ PeerOutputs read_peer_outputs(const DispatchParams& p
         return out;
     void* remote = p.buffer_ptrs[peer];
     const int epoch = *NvlBufferLayout::epoch(p.buffer_ptrs[p.rank]);
-    timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
-        const int tag = ptx::ld_acquire_sys(NvlBufferLayout::record_tag(remote));
-        if (tag != epoch && is_last_check)
-            printf(
-                "hybrid_ep dispatch timeout: rank %d waits for the output record of peer %d: expected tag %d, "
-                "observed %d\n",
-                p.rank, peer, epoch, tag);
-        return tag != epoch;
-    });
+    wait_peer_value(NvlBufferLayout::record_tag(remote), epoch, p.num_timeout_cycles, "dispatch", p.rank,
+                    "the output record (tag)", peer);
     const auto* offsets = reinterpret_cast<const volatile int64_t*>(NvlBufferLayout::record_offsets(remote));
     const auto at = [&](int part) {
         const int64_t offset = offsets[part];

@@ -189,6 +189,8 @@ void check_combine(const CombineParams& params, size_t num_nvl_bytes, int smem_l
 // The work-claim counter (device/layout.cuh) in which the pulling combine counts this rank's finished blocks: nonzero
 // after a combine that pulled, zero after one that pushed (the prelude zeroes it).
 constexpr int kCombinePullFinishClaim = NvlBufferLayout::kNumClaims - 1;
+// The work-claim counter from which the pulling combine's blocks claim the last groups of this rank's tokens.
+constexpr int kCombinePullTailClaim = NvlBufferLayout::kNumClaims - 2;
 
 // Returns: whether the pulling combine (kernels/intranode/combine_pull.cu) serves rows of `hidden` BF16 values
 // among `num_ranks` ranks on a device with `smem_limit` bytes of shared memory per block. The same on every rank.

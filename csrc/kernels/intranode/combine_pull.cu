@@ -5,7 +5,9 @@
 // (kernels/intranode/combine.cu) and of the reference. Nothing goes to a peer but one flag at the end: no rings,
 // tails or heads, and the peers' SMs take no part in moving the rows.
 //
-// Work: a rank's tokens in groups of kGroupTokens, group g to block g % num_blocks. Rows are cut into num_pieces
+// Work: a rank's tokens in groups of kGroupTokens; most groups go to blocks in fixed shares (group g to block
+// g % num_blocks), the last kTailPermille thousandths are claimed at run time by the blocks that get there first
+// (TokenCursor), so the blocks of a rank end together. Rows are cut into num_pieces
 // pieces (one, unless a row is too wide for a token's copies to fit the stages at once); a unit is one piece of one
 // token, and a block's units, in order, share one ring of num_stages stages in shared memory, item k (the k-th copy
 // of a piece the block loads) in stage k % num_stages.
@@ -54,6 +56,8 @@ constexpr int kNumPullWarps = kNumLoaders + kNumReduceWarps;
 // blocks' 1 each, so a peer needs no block count.
 constexpr int kReadsDoneTotal = 1 << 20;
 constexpr int kGroupTokens = 4;
+// Thousandths of a rank's token groups claimed at run time, at the end (TokenCursor).
+constexpr int kTailPermille = 60;
 constexpr int kMaxStages = 64;
 // Vectors (16 bytes) a reducer lane has in flight: every copy's and the biases' loads of kUnroll vectors are issued
 // before their first add.
@@ -120,18 +124,75 @@ struct StageRing {
     }
 };
 
-// The tokens of one block: groups blockIdx.x, blockIdx.x + gridDim.x, ... of kGroupTokens tokens.
-// NOTES: the blocks of a rank end up to 20 us apart (of about 500 at 16 SMs on 4 H200 GPUs). Claims from a shared
-// counter, made a little ahead by a scheduler warp into a queue in shared memory, evened them out, but the combine
-// got slower at few SMs: 213.6 / 390.0 / 407.4 GB/s at 8 / 16 / 24 SMs against 231.5 / 394.3 / 403.6 with these
-// fixed shares in the same run.
+// Claims of a block's tail groups, in shared memory: groups[k] is the group the block's k-th claim got
+// (kUnclaimed until its claimer writes it), next the claims taken so far.
+constexpr int kMaxTailClaims = 512;
+constexpr int kUnclaimed = -1;
+struct TailClaims {
+    int next;
+    int groups[kMaxTailClaims];
+
+    __device__ __forceinline__ void init() {
+        for (int k = threadIdx.x; k < kMaxTailClaims; k += blockDim.x)
+            groups[k] = kUnclaimed;
+        if (threadIdx.x == 0)
+            next = 0;
+    }
+};
+
+// The tokens of one block, in groups of kGroupTokens: first the fixed share blockIdx.x, blockIdx.x + gridDim.x, ...
+// (num_static_rounds groups), then groups of the tail (from num_static_rounds * gridDim.x on) claimed one at a time
+// from the rank's tail counter, so blocks that ran slow take fewer of them. Every warp of the block walks the same
+// sequence: the first warp to need claim k makes it and writes it to the shared table; the others read it there.
+// NOTES: the blocks of a rank ended up to 20 us apart (of about 500 at 16 SMs on 4 H200 GPUs) with fixed shares alone.
 struct TokenCursor {
     int num_tokens;
+    int num_groups;
+    int num_static_rounds;
+    TailClaims* claims;
+    int* tail_counter;  // this rank's, in its own NVLink buffer (zeroed by the prelude)
+    int64_t num_timeout_cycles;
+    int rank;
 
-    // Returns: the block's i-th token, or -1 past its last (groups ascend, so no token of the block follows the
-    // first one past the end).
+    // Returns: the group of the block's k-th tail claim (num_groups or more past the tail). Warp-collective.
+    __device__ __forceinline__ int tail_group(int k) const {
+        int group = 0;
+        if (ptx::get_lane_idx() == 0) {
+            volatile int* slot = &claims->groups[k];
+            group = *slot;
+            if (group == kUnclaimed) {
+                if (atomicCAS(&claims->next, k, k + 1) == k) {
+                    group = num_static_rounds * static_cast<int>(gridDim.x) + atomicAdd(tail_counter, 1);
+                    *slot = group;
+                } else {
+                    timeout_while(num_timeout_cycles, [&](bool is_last_check) {
+                        group = *slot;
+                        if (group == kUnclaimed && is_last_check)
+                            printf("hybrid_ep combine timeout: rank %d, block %d waits for tail claim %d\n", rank,
+                                   static_cast<int>(blockIdx.x), k);
+                        return group == kUnclaimed;
+                    });
+                }
+            }
+        }
+        return __shfl_sync(0xffffffff, group, 0);
+    }
+
+    // Returns: the block's i-th token, or -1 past its last (no token of the block follows the first one past the
+    // end). Warp-collective.
     __device__ __forceinline__ int token(int i) const {
-        const int64_t group = blockIdx.x + static_cast<int64_t>(i / kGroupTokens) * gridDim.x;
+        const int round = i / kGroupTokens;
+        int64_t group;
+        if (round < num_static_rounds) {
+            group = blockIdx.x + static_cast<int64_t>(round) * gridDim.x;
+        } else {
+            const int k = round - num_static_rounds;
+            if (k >= kMaxTailClaims)
+                return -1;
+            group = tail_group(k);
+        }
+        if (group >= num_groups)
+            return -1;
         const int64_t token = group * kGroupTokens + i % kGroupTokens;
         return token < num_tokens ? static_cast<int>(token) : -1;
     }
@@ -151,11 +212,10 @@ __device__ __forceinline__ uintptr_t weights_address(const CombineParams& p, con
 }
 
 __device__ void run_loader(const CombineParams& p, const CombineInputs& inputs, const PieceLayout& pieces,
-                           const StageRing& ring, int loader_idx) {
+                           const StageRing& ring, const TokenCursor& cursor, int loader_idx) {
     const int lane_idx = ptx::get_lane_idx();
     const int num_row_bytes = p.hidden * 2;
     const bool has_weights = p.combined_topk_weights != nullptr;
-    const TokenCursor cursor{p.num_tokens};
     int item = 0;
     int row = load_source_row(p, cursor.token(0), lane_idx);
     for (int i = 0, token = cursor.token(0); token >= 0; token = cursor.token(++i)) {
@@ -205,7 +265,7 @@ __device__ void run_loader(const CombineParams& p, const CombineInputs& inputs, 
 
 template <int kMaxRanks, int kWarpsPerUnit>
 __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs, const PieceLayout& pieces,
-                            const StageRing& ring, int reducer_idx) {
+                            const StageRing& ring, const TokenCursor& cursor, int reducer_idx) {
     constexpr int kNumTeams = kNumReduceWarps / kWarpsPerUnit;
     const int team_idx = reducer_idx / kWarpsPerUnit, member_idx = reducer_idx % kWarpsPerUnit;
     const int lane_idx = ptx::get_lane_idx();
@@ -213,7 +273,6 @@ __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs,
     const auto* bias_0 = static_cast<const int4*>(p.bias_0);
     const auto* bias_1 = static_cast<const int4*>(p.bias_1);
     auto* combined_x = static_cast<int4*>(p.combined_x);
-    const TokenCursor cursor{p.num_tokens};
     int item = 0, unit = 0;
     int row = load_source_row(p, cursor.token(0), lane_idx);
     for (int i = 0, token = cursor.token(0); token >= 0; token = cursor.token(++i)) {
@@ -309,12 +368,13 @@ __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs,
 
 template <int kMaxRanks, int kWarpsPerUnit>
 __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
-    combine_pull_kernel(const __grid_constant__ CombineParams params, const PieceLayout pieces) {
+    combine_pull_kernel(const __grid_constant__ CombineParams params, const PieceLayout pieces, int num_static_rounds) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ CombineInputs inputs;
     __shared__ uint64_t full_bars[kMaxStages];
     __shared__ uint64_t empty_bars[kMaxStages];
     __shared__ int issued[kMaxStages];
+    __shared__ TailClaims tail_claims;
 
     const int warp_idx = threadIdx.x / kWarpSize, lane_idx = ptx::get_lane_idx();
     if (warp_idx == 0 && lane_idx == 0) {
@@ -325,6 +385,7 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
         }
         ptx::fence_mbarrier_init();
     }
+    tail_claims.init();  // ordered before every use by read_combine_inputs' block barriers
     // The kernels ahead of this one (programmatic launch) have ended and their writes are visible after this.
     ptx::griddep_wait();
     read_combine_inputs(params, inputs);
@@ -336,10 +397,17 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
     // barrier set-up above is ordered before them by read_combine_inputs' block barriers.
     ptx::fence_proxy_async_global();
 
+    const TokenCursor cursor{params.num_tokens,
+                             (params.num_tokens + kGroupTokens - 1) / kGroupTokens,
+                             num_static_rounds,
+                             &tail_claims,
+                             NvlBufferLayout::claim(params.buffer_ptrs[params.rank], kCombinePullTailClaim),
+                             params.num_timeout_cycles,
+                             params.rank};
     if (warp_idx < kNumLoaders)
-        run_loader(params, inputs, pieces, ring, warp_idx);
+        run_loader(params, inputs, pieces, ring, cursor, warp_idx);
     else
-        run_reducer<kMaxRanks, kWarpsPerUnit>(params, inputs, pieces, ring, warp_idx - kNumLoaders);
+        run_reducer<kMaxRanks, kWarpsPerUnit>(params, inputs, pieces, ring, cursor, warp_idx - kNumLoaders);
 
     // Every load of this block has landed (the reducers waited for all of them): tell every peer. NOTES: relaxed,
     // for what the count covers are reads whose data is already in this block's shared memory, which nothing a peer
@@ -389,6 +457,14 @@ void intranode_combine_pull(const CombineParams& params, int smem_limit, cudaStr
               " ranks");
     const PieceLayout pieces = pieces_of(params.num_ranks, params.hidden, smem_limit);
     const size_t smem = static_cast<size_t>(pieces.num_stages) * pieces.stage_bytes;
+    // The tail, claimed at run time: the last kTailPermille thousandths of the groups and the remainder of the fixed
+    // rounds, at most kMaxTailClaims - 2 groups (so a block's table holds every claim it can make, and its last
+    // claim, past the end).
+    const int num_groups = (params.num_tokens + kGroupTokens - 1) / kGroupTokens;
+    int num_static_rounds =
+        static_cast<int>(static_cast<int64_t>(num_groups) * (1000 - kTailPermille) / 1000) / params.num_blocks;
+    while (num_groups - num_static_rounds * params.num_blocks > kMaxTailClaims - 2)
+        ++num_static_rounds;
     // NOTES: warps per unit on 4 H200 GPUs (GB/s at 8 / 16 / 24 SMs; the pushing kernel 216 / 355 / 369 in the same
     // run): 1 gave 167 / 312 / 381, 2 gave 230 / 390 / 385, 4 gave 191 / 365 / 399; all 8 (an earlier run) 127 /
     // 246 / 355.
@@ -399,7 +475,7 @@ void intranode_combine_pull(const CombineParams& params, int smem_limit, cudaStr
             CUDA_CHECK(
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
             launch_programmatic(kernel, LaunchArgs{dim3(params.num_blocks), dim3(kNumPullWarps * kWarpSize), smem},
-                                stream, params, pieces);
+                                stream, params, pieces, num_static_rounds);
         };
         if (warps_per_unit == 4)
             go(pull_kernel<kMaxRanks, 4>());

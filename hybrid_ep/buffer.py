@@ -482,13 +482,20 @@ class Buffer:
         """
         self._check_alive()
         checks.check_int("hidden", hidden, 1)
+        return self._new_combine_inputs(handle, hidden, 0)[0]
+
+    def _new_combine_inputs(self, handle: tuple, hidden: int, num_topk: int) -> tuple:
+        """`new_combine_input`, with the `[num_recv_tokens, num_topk]` torch.float32 tensor for combine's
+        `topk_weights` beside it (None for num_topk 0): both in the output arena, or neither."""
         recv_src_idx = reference._check_handle(handle, None, self.group_size)[3]
         num_rows = recv_src_idx.size(0)
         if self.runtime is not None and num_rows > 0:
-            outputs = self.runtime.dispatch_outputs(num_rows, torch.bfloat16, hidden, 0, 0, False)
+            outputs = self.runtime.dispatch_outputs(num_rows, torch.bfloat16, hidden, 0, num_topk, False)
             if outputs is not None:
-                return outputs[0]
-        return torch.empty((num_rows, hidden), dtype=torch.bfloat16, device=recv_src_idx.device)
+                return outputs[0], outputs[3]
+        device = recv_src_idx.device
+        weights = torch.empty((num_rows, num_topk), dtype=torch.float32, device=device) if num_topk > 0 else None
+        return torch.empty((num_rows, hidden), dtype=torch.bfloat16, device=device), weights
 
     def internode_dispatch(
         self,

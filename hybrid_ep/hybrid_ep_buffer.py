@@ -559,9 +559,12 @@ class HybridEPBuffer:
             local_probs = local_probs.view(rows, L)
         sum_row_copies = _kernel("sum_row_copies", device)
         if sum_row_copies is not None:
-            # One pass: each row reads only its own copies (about top-k / ranks of them), no gathered copies.
-            unpermuted = sum_row_copies(hidden.contiguous(), dense_to_expert.contiguous())
-            return self._combine(unpermuted, local_probs, handle)
+            # One pass: each row reads only its own copies (about top-k / ranks of them), no gathered copies. The
+            # sums (and the weights) go straight into the output arena where it has room, so the combine pulls.
+            num_topk = handle.recv_topk_idx.size(1) if local_probs is not None else 0
+            out, weights_out = self.buffer._new_combine_inputs(handle.buffer_handle, H, num_topk)
+            unpermuted = sum_row_copies(hidden.contiguous(), dense_to_expert.contiguous(), out)
+            return self._combine(unpermuted, local_probs, handle, weights_out)
         unpermuted = torch.empty((rows, H), dtype=torch.bfloat16, device=device)
         if rows > 0:
             # Each row's copies, in ascending local expert order, then none: at most min(K, L) of them.
@@ -960,9 +963,14 @@ class HybridEPBuffer:
         return data, probs, scales, tokens_per_expert, handle
 
     def _combine(
-        self, hidden: torch.Tensor, local_probs: Optional[torch.Tensor], handle: HybridEPHandle
+        self,
+        hidden: torch.Tensor,
+        local_probs: Optional[torch.Tensor],
+        handle: HybridEPHandle,
+        weights_out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`Buffer.combine` of `hidden` `[rows, H]`, the local weights `[rows, L]` travelling in top-k slot form."""
+        """`Buffer.combine` of `hidden` `[rows, H]`, the local weights `[rows, L]` travelling in top-k slot form
+        (written into `weights_out` `[rows, top-k]` torch.float32 where given)."""
         L = self.num_local_experts
         recv_idx = handle.recv_topk_idx
         weights = None
@@ -970,7 +978,11 @@ class HybridEPBuffer:
             # Slot k of a row holds the weight of its local expert, or 0: the sum over ranks then rebuilds each
             # token's weights exactly (every weight has one nonzero term).
             padded = torch.cat([local_probs, local_probs.new_zeros((local_probs.size(0), 1))], dim=1)
-            weights = padded.gather(1, torch.where(recv_idx >= 0, recv_idx, L))
+            slots = torch.where(recv_idx >= 0, recv_idx, L)
+            if weights_out is None:
+                weights = padded.gather(1, slots)
+            else:
+                weights = torch.gather(padded, 1, slots, out=weights_out)
         combined, combined_w, _ = self.buffer.combine(
             hidden, handle.buffer_handle, topk_weights=weights, config=self.combine_config
         )

@@ -264,6 +264,9 @@ def run_checks(pg: ProcessGroupInfo) -> None:
             )
             assert torch.equal(combined.cpu(), want_x), (name, pad)
             assert torch.equal(combined_probs.cpu(), host_probs), (name, pad)
+            if buffer.buffer.runtime is not None:
+                # The unpermuted rows and their weights went into the output arena: the combine pulled.
+                assert buffer.buffer.runtime.last_combine_pulled(), (name, pad)
             # Cached: the handle's routing, size and counts; the weights given now.
             token, pprobs, _, tokens_per_expert, _ = buffer.dispatch_with_permute(
                 hidden=x, topk_weights=topk_weights if name == "topk" else None, handle=handle

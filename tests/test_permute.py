@@ -80,6 +80,10 @@ def test_sum_row_copies(num_rows: int, num_local_experts: int, hidden: int) -> N
     assert out.dtype == torch.bfloat16 and tuple(out.shape) == (num_rows, hidden)
     assert torch.equal(out, reference_sum(values, positions))
     assert torch.equal(C.sum_row_copies(values, positions), out), "not deterministic"
+    # Into a given tensor (a combine input in the output arena, say): the same sums, in place.
+    given = torch.full((num_rows, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    returned = C.sum_row_copies(values, positions, given)
+    assert returned.data_ptr() == given.data_ptr() and torch.equal(given, out)
 
 
 @requires_gpus(1)
@@ -96,6 +100,10 @@ def test_rejected_inputs_name_the_argument() -> None:
         ("hidden", lambda: C.sum_row_copies(x[:, :4], idx.view(4, 1))),
         ("positions", lambda: C.sum_row_copies(x, idx.int().view(4, 1))),
         ("positions", lambda: C.sum_row_copies(x, idx)),
+        ("out", lambda: C.sum_row_copies(x, idx.view(4, 1), x.float())),
+        ("out", lambda: C.sum_row_copies(x, idx.view(4, 1), x[:2])),
+        ("out", lambda: C.sum_row_copies(x, idx.view(4, 1), x.t().contiguous().t())),
+        ("out", lambda: C.sum_row_copies(x, idx.view(4, 1), x.cpu())),
     ]
     for name, call in cases:
         with pytest.raises(RuntimeError, match=name):

@@ -8,6 +8,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <climits>
+#include <optional>
 
 #include "kernels/api.cuh"
 #include "runtime/exception.hpp"
@@ -62,8 +63,10 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& row_of) {
 //     hidden: [num_hidden_rows, H] torch.bfloat16 CUDA tensor, contiguous, H a multiple of 8.
 //     positions: [num_rows, L] torch.int64 on hidden's device, contiguous: the rows of hidden to sum for each output
 //         row, -1 for none; at most kMaxRowCopies per row, each < num_hidden_rows (else the kernel stops).
-// Returns: [num_rows, H] torch.bfloat16, the fp32 sums in ascending column order, rounded once.
-at::Tensor sum_row_copies(const at::Tensor& hidden, const at::Tensor& positions) {
+//     out: where the sums go, [num_rows, H] torch.bfloat16 on hidden's device, contiguous (a combine input in the
+//         output arena, say); None for a new tensor.
+// Returns: [num_rows, H] torch.bfloat16 (`out` when given), the fp32 sums in ascending column order, rounded once.
+at::Tensor sum_row_copies(const at::Tensor& hidden, const at::Tensor& positions, const std::optional<at::Tensor>& out) {
     check_cuda_2d("hidden", hidden);
     check_cuda_2d("positions", positions);
     HEP_CHECK(hidden.scalar_type() == at::kBFloat16, "hidden must be torch.bfloat16, got ",
@@ -75,11 +78,21 @@ at::Tensor sum_row_copies(const at::Tensor& hidden, const at::Tensor& positions)
     HEP_CHECK(positions.scalar_type() == at::kLong, "positions must be torch.int64, got ",
               c10::toString(positions.scalar_type()));
     HEP_CHECK(positions.size(1) <= INT_MAX, "positions.size(1) must be at most ", INT_MAX);
+    if (out.has_value()) {
+        HEP_CHECK(out->device() == hidden.device(), "out must be on hidden's device ", hidden.device().str(), ", got ",
+                  out->device().str());
+        HEP_CHECK(out->scalar_type() == at::kBFloat16, "out must be torch.bfloat16, got ",
+                  c10::toString(out->scalar_type()));
+        HEP_CHECK(out->dim() == 2, "out must be 2-D, got ", out->dim(), " dimensions");
+        HEP_CHECK(out->size(0) == positions.size(0) && out->size(1) == hidden.size(1), "out must have shape [",
+                  positions.size(0), ", ", hidden.size(1), "], got [", out->size(0), ", ", out->size(1), "]");
+        HEP_CHECK(out->is_contiguous(), "out must be contiguous");
+    }
     const c10::cuda::CUDAGuard device_guard(hidden.device());
-    auto out = at::empty({positions.size(0), hidden.size(1)}, hidden.options());
+    const at::Tensor sums = out.has_value() ? *out : at::empty({positions.size(0), hidden.size(1)}, hidden.options());
     const kernels::SumRowCopiesParams params{
         hidden.data_ptr(),
-        out.data_ptr(),
+        sums.data_ptr(),
         positions.data_ptr<int64_t>(),
         hidden.size(0),
         positions.size(0),
@@ -87,7 +100,7 @@ at::Tensor sum_row_copies(const at::Tensor& hidden, const at::Tensor& positions)
         static_cast<int>(hidden.size(1)),
     };
     kernels::sum_row_copies(params, device_num_sms(hidden), c10::cuda::getCurrentCUDAStream());
-    return out;
+    return sums;
 }
 
 void register_apis(pybind11::module_& m) {
@@ -95,8 +108,10 @@ void register_apis(pybind11::module_& m) {
           "Rows of src [R, W] (any dtype) picked by row_of [M] int64 (-1: a zero row). Returns [M, W] of src's dtype, "
           "computed on the current CUDA stream.");
     m.def("sum_row_copies", &sum_row_copies, pybind11::arg("hidden"), pybind11::arg("positions"),
+          pybind11::arg("out") = pybind11::none(),
           "For each row of positions [N, L] int64 (-1: none), the fp32 sum of the rows of hidden [R, H] bfloat16 it "
-          "names, in ascending column order, rounded once. Returns [N, H] bfloat16, on the current CUDA stream.");
+          "names, in ascending column order, rounded once. Returns [N, H] bfloat16 (out, when given: contiguous, "
+          "on hidden's device), on the current CUDA stream.");
 }
 
 }  // namespace hybrid_ep::permute

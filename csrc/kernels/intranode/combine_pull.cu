@@ -59,9 +59,6 @@ constexpr int kGroupTokens = 4;
 // Thousandths of a rank's token groups claimed at run time, at the end (TokenCursor).
 constexpr int kTailPermille = 60;
 constexpr int kMaxStages = 64;
-// Vectors (16 bytes) a reducer lane has in flight: every copy's and the biases' loads of kUnroll vectors are issued
-// before their first add.
-constexpr int kUnroll = 2;
 // After a stage's piece: room for the 16-byte-aligned window around one row of top-k weights (at most
 // kNumMaxRingTopk floats, starting anywhere in its first 16 bytes).
 constexpr int kWeightsWindowBytes = align16(4 * kNumMaxRingTopk + 15);
@@ -305,6 +302,8 @@ __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs,
             // NOTES: every load of kUnroll vectors (copies and biases) is issued before the first add; the adds keep
             // the order bias_0, bias_1, ranks ascending (the stage order).
             constexpr int kStride = kWarpsPerUnit * kWarpSize;
+            // Vectors (16 bytes) a lane has in flight: 4 up to 4 ranks (150 registers), 2 for 8 (4 spilled).
+            constexpr int kUnroll = kMaxRanks <= 4 ? 4 : 2;
             for (int j0 = member_idx * kWarpSize + lane_idx; j0 < count; j0 += kUnroll * kStride) {
                 int4 values[kUnroll][kMaxRanks + 2];
 #pragma unroll

@@ -6,11 +6,11 @@
 // tails or heads, and the peers' SMs take no part in moving the rows.
 //
 // Work: a rank's tokens in groups of kGroupTokens; most groups go to blocks in fixed shares (group g to block
-// g % num_blocks), the last kTailPermille thousandths are claimed at run time by the blocks that get there first
-// (TokenCursor), so the blocks of a rank end together. Rows are cut into num_pieces
-// pieces (one, unless a row is too wide for a token's copies to fit the stages at once); a unit is one piece of one
-// token, and a block's units, in order, share one ring of num_stages stages in shared memory, item k (the k-th copy
-// of a piece the block loads) in stage k % num_stages.
+// g % num_blocks), the tokens of the last kTailPermille thousandths are claimed at run time, kTailClaimTokens at a
+// time, by the blocks that get there first (TokenCursor), so the blocks of a rank end together. Rows are cut into
+// num_pieces pieces (one, unless a row is too wide for a token's copies to fit the stages at once); a unit is one piece
+// of one token, and a block's units, in order, share one ring of num_stages stages in shared memory, item k (the k-th
+// copy of a piece the block loads) in stage k % num_stages.
 //   * loaders (kNumLoaders warps): loader w fills the stages s = w mod kNumLoaders: for each item of those, its lane
 //     0 waits (bounded) until the stage is free and loads the copy's piece into it (completion counted in bytes on the
 //     stage's full barrier); with a copy's first piece, the 16-byte-aligned window around its top-k weights into the
@@ -58,6 +58,8 @@ constexpr int kReadsDoneTotal = 1 << 20;
 constexpr int kGroupTokens = 4;
 // Thousandths of a rank's token groups claimed at run time, at the end (TokenCursor).
 constexpr int kTailPermille = 60;
+// Tokens per claim of the tail.
+constexpr int kTailClaimTokens = 1;
 constexpr int kMaxStages = 64;
 // After a stage's piece: room for the 16-byte-aligned window around one row of top-k weights (at most
 // kNumMaxRingTopk floats, starting anywhere in its first 16 bytes).
@@ -121,76 +123,84 @@ struct StageRing {
     }
 };
 
-// Claims of a block's tail groups, in shared memory: groups[k] is the group the block's k-th claim got
-// (kUnclaimed until its claimer writes it), next the claims taken so far.
+// Claims of a block's tail, in shared memory: starts[k] is what the block's k-th claim got from the rank's tail
+// counter (kUnclaimed until its claimer writes it), next the claims taken so far.
 constexpr int kMaxTailClaims = 512;
 constexpr int kUnclaimed = -1;
 struct TailClaims {
     int next;
-    int groups[kMaxTailClaims];
+    int starts[kMaxTailClaims];
 
     __device__ __forceinline__ void init() {
         for (int k = threadIdx.x; k < kMaxTailClaims; k += blockDim.x)
-            groups[k] = kUnclaimed;
+            starts[k] = kUnclaimed;
         if (threadIdx.x == 0)
             next = 0;
     }
 };
 
-// The tokens of one block, in groups of kGroupTokens: first the fixed share blockIdx.x, blockIdx.x + gridDim.x, ...
-// (num_static_rounds groups), then groups of the tail (from num_static_rounds * gridDim.x on) claimed one at a time
-// from the rank's tail counter, so blocks that ran slow take fewer of them. Every warp of the block walks the same
-// sequence: the first warp to need claim k makes it and writes it to the shared table; the others read it there.
-// NOTES: the blocks of a rank ended up to 20 us apart (of about 500 at 16 SMs on 4 H200 GPUs) with fixed shares alone.
+// How a rank's tokens are shared out: num_static_rounds rounds of fixed groups per block, then the tail, claimed
+// claim_tokens tokens at a time. Set by the host (intranode_combine_pull); the same on every block.
+struct TokenShares {
+    int num_static_rounds;
+    int claim_tokens;
+};
+
+// The tokens of one block: first its fixed share, groups blockIdx.x, blockIdx.x + gridDim.x, ... of kGroupTokens
+// tokens (num_static_rounds groups), then runs of claim_tokens tokens of the tail (the tokens from
+// num_static_rounds * gridDim.x groups on), claimed at run time from the rank's tail counter, so blocks that ran
+// slow take fewer of them. Every warp of the block walks the same sequence: the first warp to need claim k makes
+// it and writes it to the shared table; the others read it there.
+// NOTES: the blocks of a rank ended up to 20 us apart (of about 500 at 16 SMs on 4 H200 GPUs) with fixed shares
+// alone. The claim is out of line: inlined at each of the loops' calls, it made the kernel half again as long and
+// 6% slower at 8 SMs, even with no tail at all.
 struct TokenCursor {
     int num_tokens;
-    int num_groups;
-    int num_static_rounds;
+    int num_static_tokens;  // of this block's sequence
+    int64_t tail_begin;     // the first token of the tail
+    int claim_tokens;
     TailClaims* claims;
     int* tail_counter;  // this rank's, in its own NVLink buffer (zeroed by the prelude)
     int64_t num_timeout_cycles;
     int rank;
 
-    // Returns: the group of the block's k-th tail claim (num_groups or more past the tail). Warp-collective.
-    __device__ __forceinline__ int tail_group(int k) const {
-        int group = 0;
+    // Returns: the counter value of the block's k-th tail claim. Warp-collective.
+    __device__ __noinline__ int tail_claim(int k) const {
+        int claim = 0;
         if (ptx::get_lane_idx() == 0) {
-            volatile int* slot = &claims->groups[k];
-            group = *slot;
-            if (group == kUnclaimed) {
+            volatile int* slot = &claims->starts[k];
+            claim = *slot;
+            if (claim == kUnclaimed) {
                 if (atomicCAS(&claims->next, k, k + 1) == k) {
-                    group = num_static_rounds * static_cast<int>(gridDim.x) + atomicAdd(tail_counter, 1);
-                    *slot = group;
+                    claim = atomicAdd(tail_counter, 1);
+                    *slot = claim;
                 } else {
                     timeout_while(num_timeout_cycles, [&](bool is_last_check) {
-                        group = *slot;
-                        if (group == kUnclaimed && is_last_check)
+                        claim = *slot;
+                        if (claim == kUnclaimed && is_last_check)
                             printf("hybrid_ep combine timeout: rank %d, block %d waits for tail claim %d\n", rank,
                                    static_cast<int>(blockIdx.x), k);
-                        return group == kUnclaimed;
+                        return claim == kUnclaimed;
                     });
                 }
             }
         }
-        return __shfl_sync(0xffffffff, group, 0);
+        return __shfl_sync(0xffffffff, claim, 0);
     }
 
     // Returns: the block's i-th token, or -1 past its last (no token of the block follows the first one past the
     // end). Warp-collective.
     __device__ __forceinline__ int token(int i) const {
-        const int round = i / kGroupTokens;
-        int64_t group;
-        if (round < num_static_rounds) {
-            group = blockIdx.x + static_cast<int64_t>(round) * gridDim.x;
+        int64_t token;
+        if (i < num_static_tokens) {
+            const int64_t group = blockIdx.x + static_cast<int64_t>(i / kGroupTokens) * gridDim.x;
+            token = group * kGroupTokens + i % kGroupTokens;
         } else {
-            const int k = round - num_static_rounds;
+            const int j = i - num_static_tokens, k = j / claim_tokens;
             if (k >= kMaxTailClaims)
                 return -1;
-            group = tail_group(k);
+            token = tail_begin + static_cast<int64_t>(tail_claim(k)) * claim_tokens + j % claim_tokens;
         }
-        if (group >= num_groups)
-            return -1;
-        const int64_t token = group * kGroupTokens + i % kGroupTokens;
         return token < num_tokens ? static_cast<int>(token) : -1;
     }
 };
@@ -214,8 +224,9 @@ __device__ void run_loader(const CombineParams& p, const CombineInputs& inputs, 
     const int num_row_bytes = p.hidden * 2;
     const bool has_weights = p.combined_topk_weights != nullptr;
     int item = 0;
-    int row = load_source_row(p, cursor.token(0), lane_idx);
-    for (int i = 0, token = cursor.token(0); token >= 0; token = cursor.token(++i)) {
+    int token = cursor.token(0);
+    int row = load_source_row(p, token, lane_idx);
+    for (int i = 0; token >= 0; ++i) {
         if (lane_idx < p.num_ranks && row >= inputs.num_x_rows[lane_idx]) {
             printf(
                 "hybrid_ep combine: rank %d finds token %d at row %d of rank %d, which has %d rows (the handle does "
@@ -224,7 +235,8 @@ __device__ void run_loader(const CombineParams& p, const CombineInputs& inputs, 
             ptx::trap();
         }
         const unsigned mask = __ballot_sync(0xffffffff, row >= 0);
-        const int next_row = load_source_row(p, cursor.token(i + 1), lane_idx);
+        const int next_token = cursor.token(i + 1);
+        const int next_row = load_source_row(p, next_token, lane_idx);
         for (int piece = 0; piece < pieces.num_pieces; ++piece) {
             const int offset = piece * pieces.piece_bytes;
             const int num_bytes = min(pieces.piece_bytes, num_row_bytes - offset);
@@ -256,6 +268,7 @@ __device__ void run_loader(const CombineParams& p, const CombineInputs& inputs, 
                 ptx::st_release_cta(&ring.issued[item % ring.num_stages], item / ring.num_stages + 1);
             }
         }
+        token = next_token;
         row = next_row;
     }
 }
@@ -271,11 +284,13 @@ __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs,
     const auto* bias_1 = static_cast<const int4*>(p.bias_1);
     auto* combined_x = static_cast<int4*>(p.combined_x);
     int item = 0, unit = 0;
-    int row = load_source_row(p, cursor.token(0), lane_idx);
-    for (int i = 0, token = cursor.token(0); token >= 0; token = cursor.token(++i)) {
+    int token = cursor.token(0);
+    int row = load_source_row(p, token, lane_idx);
+    for (int i = 0; token >= 0; ++i) {
         const unsigned mask = __ballot_sync(0xffffffff, row >= 0);
         const int num_copies = __popc(mask);
-        const int next_row = load_source_row(p, cursor.token(i + 1), lane_idx);
+        const int next_token = cursor.token(i + 1);
+        const int next_row = load_source_row(p, next_token, lane_idx);
         for (int piece = 0; piece < pieces.num_pieces; ++piece, ++unit, item += num_copies) {
             if (unit % kNumTeams != team_idx)
                 continue;
@@ -361,13 +376,15 @@ __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs,
                 for (int c = 0; c < num_copies; ++c)
                     ptx::mbarrier_arrive(ptx::smem_addr(&ring.empty[(item + c) % ring.num_stages]));
         }
+        token = next_token;
         row = next_row;
     }
 }
 
 template <int kMaxRanks, int kWarpsPerUnit>
 __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
-    combine_pull_kernel(const __grid_constant__ CombineParams params, const PieceLayout pieces, int num_static_rounds) {
+    combine_pull_kernel(const __grid_constant__ CombineParams params, const PieceLayout pieces,
+                        const TokenShares shares) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ CombineInputs inputs;
     __shared__ uint64_t full_bars[kMaxStages];
@@ -397,8 +414,9 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
     ptx::fence_proxy_async_global();
 
     const TokenCursor cursor{params.num_tokens,
-                             (params.num_tokens + kGroupTokens - 1) / kGroupTokens,
-                             num_static_rounds,
+                             shares.num_static_rounds * kGroupTokens,
+                             static_cast<int64_t>(shares.num_static_rounds) * gridDim.x * kGroupTokens,
+                             shares.claim_tokens,
                              &tail_claims,
                              NvlBufferLayout::claim(params.buffer_ptrs[params.rank], kCombinePullTailClaim),
                              params.num_timeout_cycles,
@@ -441,6 +459,21 @@ PieceLayout pieces_of(int num_ranks, int hidden, int smem_limit) {
     return PieceLayout::of(num_ranks, hidden, smem_limit, static_shared_bytes(kernel));
 }
 
+// Returns: the shares of `num_tokens` tokens among `num_blocks` blocks (TokenCursor): fixed rounds for all but the
+// last `tail_permille` thousandths of the groups and the remainder of the rounds, that tail in claims of
+// `claim_tokens` tokens, at most kMaxTailClaims - 2 of them.
+TokenShares token_shares(int num_tokens, int num_blocks, int tail_permille, int claim_tokens) {
+    const int64_t num_groups = (static_cast<int64_t>(num_tokens) + kGroupTokens - 1) / kGroupTokens;
+    TokenShares shares{static_cast<int>(num_groups * (1000 - tail_permille) / 1000 / num_blocks), claim_tokens};
+    const auto tail_tokens = [&] {
+        return static_cast<int64_t>(num_tokens) -
+               static_cast<int64_t>(shares.num_static_rounds) * num_blocks * kGroupTokens;
+    };
+    while (tail_tokens() > static_cast<int64_t>(kMaxTailClaims - 2) * claim_tokens)
+        ++shares.num_static_rounds;
+    return shares;
+}
+
 }  // namespace
 
 bool is_combine_pull_supported(int num_ranks, int hidden, int smem_limit) {
@@ -456,14 +489,9 @@ void intranode_combine_pull(const CombineParams& params, int smem_limit, cudaStr
               " ranks");
     const PieceLayout pieces = pieces_of(params.num_ranks, params.hidden, smem_limit);
     const size_t smem = static_cast<size_t>(pieces.num_stages) * pieces.stage_bytes;
-    // The tail, claimed at run time: the last kTailPermille thousandths of the groups and the remainder of the fixed
-    // rounds, at most kMaxTailClaims - 2 groups (so a block's table holds every claim it can make, and its last
-    // claim, past the end).
-    const int num_groups = (params.num_tokens + kGroupTokens - 1) / kGroupTokens;
-    int num_static_rounds =
-        static_cast<int>(static_cast<int64_t>(num_groups) * (1000 - kTailPermille) / 1000) / params.num_blocks;
-    while (num_groups - num_static_rounds * params.num_blocks > kMaxTailClaims - 2)
-        ++num_static_rounds;
+    // NOTES: at most kMaxTailClaims - 2 claims, so a block's table holds every claim it can make and its last one,
+    // past the end.
+    const TokenShares shares = token_shares(params.num_tokens, params.num_blocks, kTailPermille, kTailClaimTokens);
     // NOTES: warps per unit on 4 H200 GPUs (GB/s at 8 / 16 / 24 SMs; the pushing kernel 216 / 355 / 369 in the same
     // run): 1 gave 167 / 312 / 381, 2 gave 230 / 390 / 385, 4 gave 191 / 365 / 399; all 8 (an earlier run) 127 /
     // 246 / 355.
@@ -474,7 +502,7 @@ void intranode_combine_pull(const CombineParams& params, int smem_limit, cudaStr
             CUDA_CHECK(
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
             launch_programmatic(kernel, LaunchArgs{dim3(params.num_blocks), dim3(kNumPullWarps * kWarpSize), smem},
-                                stream, params, pieces, num_static_rounds);
+                                stream, params, pieces, shares);
         };
         if (warps_per_unit == 4)
             go(pull_kernel<kMaxRanks, 4>());

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
     // Step 2: barrier: every rank has finished reading the previous call's slots.
     nvl_barrier(params.buffer_ptrs, rank, num_ranks, params.num_timeout_cycles, "notify_dispatch (entry)");
     // No peer writes this rank's ring counters until the next barrier: start the call from zero.
-    reset_ring_counters(params.buffer_ptrs[rank]);
+    reset_ring_counters(params.buffer_ptrs[rank], num_ranks);
 
     // Step 3: this rank's counts into every rank's slot `rank`.
     for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x)
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
 }
 
 // Threads of the preludes (notify_combine, prepare_rings): thread p < num_ranks meets rank p, and all of them zero
-// the ring counters (4096 ints and the claims).
+// the ring counters of the domain's ranks and the claims.
 constexpr int kNumPreludeThreads = 256;
 
 // The combine prelude: a barrier (every rank is done with the previous call's rings and slots, and its inputs are
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kNumPreludeThreads)
     ptx::griddep_launch_dependents();
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "combine (entry)");
     // Peers write this rank's counters only after they saw its epoch below.
-    reset_ring_counters(params.buffer_ptrs[params.rank]);
+    reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks);
     __threadfence_system();
     const int epoch = *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]);
     if (threadIdx.x < params.num_ranks) {
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kNumPreludeThreads)
 __global__ void __launch_bounds__(kNumPreludeThreads)
     prepare_rings_kernel(const __grid_constant__ BarrierParams params) {
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (entry)");
-    reset_ring_counters(params.buffer_ptrs[params.rank]);
+    reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks);
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (reset)");
 }
 

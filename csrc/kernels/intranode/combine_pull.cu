@@ -315,7 +315,9 @@ __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs,
             const int first = piece * piece_vectors, count = min(piece_vectors, num_vectors - first);
             const int64_t out_vector = static_cast<int64_t>(token) * num_vectors + first;
             // NOTES: every load of kUnroll vectors (copies and biases) is issued before the first add; the adds keep
-            // the order bias_0, bias_1, ranks ascending (the stage order).
+            // the order bias_0, bias_1, ranks ascending (the stage order), as the pushing kernel's receivers do
+            // (kernels/intranode/combine.cu). The two sums stay apart: one helper shared by both put the biases on the
+            // stack here (passed by pointer) or doubled the pushing kernel's local-memory instructions (by value).
             constexpr int kStride = kWarpsPerUnit * kWarpSize;
             // Vectors (16 bytes) a lane has in flight: 4 up to 4 ranks (150 registers), 2 for 8 (4 spilled).
             constexpr int kUnroll = kMaxRanks <= 4 ? 4 : 2;

@@ -16,8 +16,9 @@ namespace hybrid_ep {
 __device__ __forceinline__ void nvl_barrier(void* const* buffer_ptrs, int rank, int num_ranks,
                                             int64_t num_timeout_cycles, const char* name) {
     __shared__ int epoch;
-    // NOTES: every thread's earlier writes must reach system scope before any thread's release signal.
-    __threadfence_system();
+    // Every thread's earlier writes are ordered before each signal below: the block barrier orders them before the
+    // signalling thread's release, which is cumulative. NOTES: a system fence by every thread first added one fence's
+    // latency to each barrier.
     __syncthreads();
     if (threadIdx.x == 0)
         epoch = *NvlBufferLayout::epoch(buffer_ptrs[rank]) + 1;

@@ -193,9 +193,9 @@ __global__ void __launch_bounds__(kNumPreludeThreads)
     // The combine kernels after it are launched programmatically and wait for this kernel's end before they read.
     ptx::griddep_launch_dependents();
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "combine (entry)");
-    // Peers write this rank's counters only after they saw its epoch below.
+    // Peers write this rank's counters only after they saw its epoch below, whose release (after the block barrier
+    // that ends the reset) orders the zeros before their writes.
     reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks);
-    __threadfence_system();
     const int epoch = *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]);
     if (threadIdx.x < params.num_ranks) {
         int* slot = NvlBufferLayout::notify_slot(params.buffer_ptrs[threadIdx.x], params.rank);

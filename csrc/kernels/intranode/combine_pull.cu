@@ -28,7 +28,8 @@
 // until every peer's count is complete before the kernel ends, so a rank's combine never completes while a peer may
 // still read its inputs (which the caller may then overwrite).
 // Start: launched programmatically after intranode_combine (which ends at once when this kernel pulls), so the
-// blocks set up their barriers before the kernels ahead end, then wait for them (griddep_wait).
+// blocks set up their barriers and read their first token's routing before the kernels ahead end, then wait for them
+// (griddep_wait).
 // Preconditions: notify_combine and intranode_combine were enqueued just before on this stream (notify_combine's
 // barrier also orders every rank's writes of its inputs before the peers' reads); the handle comes from a dispatch
 // of this Buffer; is_combine_pull_supported.
@@ -218,14 +219,13 @@ __device__ __forceinline__ uintptr_t weights_address(const CombineParams& p, con
     return reinterpret_cast<uintptr_t>(inputs.weights[r] + static_cast<int64_t>(row) * p.num_topk);
 }
 
+// `token` and `row`: the block's first token (cursor.token(0)) and its load_source_row.
 __device__ void run_loader(const CombineParams& p, const CombineInputs& inputs, const PieceLayout& pieces,
-                           const StageRing& ring, const TokenCursor& cursor, int loader_idx) {
+                           const StageRing& ring, const TokenCursor& cursor, int loader_idx, int token, int row) {
     const int lane_idx = ptx::get_lane_idx();
     const int num_row_bytes = p.hidden * 2;
     const bool has_weights = p.combined_topk_weights != nullptr;
     int item = 0;
-    int token = cursor.token(0);
-    int row = load_source_row(p, token, lane_idx);
     for (int i = 0; token >= 0; ++i) {
         if (lane_idx < p.num_ranks && row >= inputs.num_x_rows[lane_idx]) {
             printf(
@@ -273,9 +273,10 @@ __device__ void run_loader(const CombineParams& p, const CombineInputs& inputs, 
     }
 }
 
+// `token` and `row`: as run_loader's.
 template <int kMaxRanks, int kWarpsPerUnit>
 __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs, const PieceLayout& pieces,
-                            const StageRing& ring, const TokenCursor& cursor, int reducer_idx) {
+                            const StageRing& ring, const TokenCursor& cursor, int reducer_idx, int token, int row) {
     constexpr int kNumTeams = kNumReduceWarps / kWarpsPerUnit;
     const int team_idx = reducer_idx / kWarpsPerUnit, member_idx = reducer_idx % kWarpsPerUnit;
     const int lane_idx = ptx::get_lane_idx();
@@ -284,8 +285,6 @@ __device__ void run_reducer(const CombineParams& p, const CombineInputs& inputs,
     const auto* bias_1 = static_cast<const int4*>(p.bias_1);
     auto* combined_x = static_cast<int4*>(p.combined_x);
     int item = 0, unit = 0;
-    int token = cursor.token(0);
-    int row = load_source_row(p, token, lane_idx);
     for (int i = 0; token >= 0; ++i) {
         const unsigned mask = __ballot_sync(0xffffffff, row >= 0);
         const int num_copies = __popc(mask);
@@ -404,17 +403,6 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
         ptx::fence_mbarrier_init();
     }
     tail_claims.init();  // ordered before every use by read_combine_inputs' block barriers
-    // The kernels ahead of this one (programmatic launch) have ended and their writes are visible after this.
-    ptx::griddep_wait();
-    read_combine_inputs(params, inputs);
-    if (!inputs.is_pull)
-        return;
-    const StageRing ring{ptx::smem_addr(smem), full_bars,          empty_bars,        issued,
-                         pieces.num_stages,    pieces.stage_bytes, pieces.piece_bytes};
-    // The peers' inputs were written before their barrier (generic proxy); the loads below are bulk copies. The
-    // barrier set-up above is ordered before them by read_combine_inputs' block barriers.
-    ptx::fence_proxy_async_global();
-
     const TokenCursor cursor{params.num_tokens,
                              shares.num_static_rounds * kGroupTokens,
                              static_cast<int64_t>(shares.num_static_rounds) * gridDim.x * kGroupTokens,
@@ -423,10 +411,32 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
                              NvlBufferLayout::claim(params.buffer_ptrs[params.rank], kCombinePullTailClaim),
                              params.num_timeout_cycles,
                              params.rank};
+    // The routing of the warp's first token is read before the wait: the dispatch wrote it before notify_combine (a
+    // normal launch, so after everything enqueued ahead of it) started, and this kernel starts after that. A first
+    // token of the tail waits, for the prelude zeroes the tail counter.
+    const bool is_first_static = cursor.num_static_tokens > 0;
+    int first_token = is_first_static ? cursor.token(0) : -1;
+    int first_row = is_first_static ? load_source_row(params, first_token, lane_idx) : -1;
+    // The kernels ahead of this one (programmatic launch) have ended and their writes are visible after this.
+    ptx::griddep_wait();
+    read_combine_inputs(params, inputs);
+    if (!inputs.is_pull)
+        return;
+    if (!is_first_static) {
+        first_token = cursor.token(0);
+        first_row = load_source_row(params, first_token, lane_idx);
+    }
+    const StageRing ring{ptx::smem_addr(smem), full_bars,          empty_bars,        issued,
+                         pieces.num_stages,    pieces.stage_bytes, pieces.piece_bytes};
+    // The peers' inputs were written before their barrier (generic proxy); the loads below are bulk copies. The
+    // barrier set-up above is ordered before them by read_combine_inputs' block barriers.
+    ptx::fence_proxy_async_global();
+
     if (warp_idx < kNumLoaders)
-        run_loader(params, inputs, pieces, ring, cursor, warp_idx);
+        run_loader(params, inputs, pieces, ring, cursor, warp_idx, first_token, first_row);
     else
-        run_reducer<kMaxRanks, kWarpsPerUnit>(params, inputs, pieces, ring, cursor, warp_idx - kNumLoaders);
+        run_reducer<kMaxRanks, kWarpsPerUnit>(params, inputs, pieces, ring, cursor, warp_idx - kNumLoaders,
+                                              first_token, first_row);
 
     // Every load of this block has landed (the reducers waited for all of them): tell every peer. NOTES: relaxed,
     // for what the count covers are reads whose data is already in this block's shared memory, which nothing a peer

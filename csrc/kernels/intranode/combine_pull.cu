@@ -435,8 +435,8 @@ __global__ void __launch_bounds__(kNumPullWarps* kWarpSize, 1)
     if (warp_idx < kNumLoaders)
         run_loader(params, inputs, pieces, ring, cursor, warp_idx, first_token, first_row);
     else
-        run_reducer<kMaxRanks, kWarpsPerUnit>(params, inputs, pieces, ring, cursor, warp_idx - kNumLoaders,
-                                              first_token, first_row);
+        run_reducer<kMaxRanks, kWarpsPerUnit>(params, inputs, pieces, ring, cursor, warp_idx - kNumLoaders, first_token,
+                                              first_row);
 
     // Every load of this block has landed (the reducers waited for all of them): tell every peer. NOTES: relaxed,
     // for what the count covers are reads whose data is already in this block's shared memory, which nothing a peer

@@ -1,24 +1,24 @@
 // Layout of the NVLink buffer every rank allocates and shares with the ranks of its NVLink domain. The host sizes
 // the allocation with it and kernels address it with it: this is the only place its offsets are computed.
 //
-//   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | pad to 128 B ]
+//   [ barrier signals: int[kNumMaxNvlRanks] | barrier epoch: int | combine count: int | pad to 128 B ]
 //   [ notify slots: int[kNumMaxNvlRanks][kNumNotifySlotInts] | pad to 128 B ]
-//   [ ring tails, heads: each int[kNumMaxRings][kNumMaxNvlRanks] | work claims: int[32] |
+//   [ ring tails, heads: each int[kNumCounterSets][kNumMaxRings][kNumMaxNvlRanks] | work claims: int[32] |
 //     output record: int64 offsets[kNumDispatchOutputs], int tag | reads done: int[kNumMaxNvlRanks] | pad to 128 B ]
 //   [ data: num_nvl_bytes ]
 //
 // Notify slot s of rank r's buffer is written by source rank s: its token count to every rank (kNumMaxNvlRanks ints),
 // its count of (token, k) entries naming each of r's experts (kNumMaxLocalExperts ints), its inclusive count of
-// tokens to r per channel (kNumMaxChannels ints), then its token count and the barrier epoch it was written in
-// (the combine prelude, kernels/intranode/notify.cu), then its num_worst_tokens (dispatch), then where the combine's
-// inputs lie (the combine prelude): the offsets of its x and of its top-k weights in its output arena (int64 each;
-// kernels/intranode/combine_inputs.cuh) and the rows of x.
+// tokens to r per channel (kNumMaxChannels ints), then its num_worst_tokens (dispatch), then two combine entries
+// (CombineSlot below), written by the combine prelude (kernels/intranode/notify.cu) in turn: entry n % 2 in the
+// source's n-th combine.
 //
-// Rings (RingLayout below) live in the data region; their counters in the tails/heads arrays. Ring (block b, source
-// s) of rank r: source s's block b writes rows into it and advances tails[b][s] of r's buffer; r's block b copies
-// rows out and advances heads[b][r] of s's buffer. The work claims count the parts of a call's work this rank's
-// blocks have taken (kernels/intranode/dispatch.cu). Every rank zeroes its own counters at the start of each call,
-// between two synchronisations with its peers (device/nvl_barrier.cuh reset_ring_counters).
+// Rings (RingLayout below) live in the data region; their counters in the tails/heads arrays, in one of
+// kNumCounterSets sets: set 0 for dispatches, set 1 + n % 2 for a rank's n-th combine. Ring (block b, source s) of
+// rank r: source s's block b writes rows into it and advances tails[set][b][s] of r's buffer; r's block b copies rows
+// out and advances heads[set][b][r] of s's buffer. The work claims count the parts of a call's work this rank's
+// blocks have taken (kernels/intranode/dispatch.cu). Every rank zeroes its own counters of a call's set at the start
+// of the call, before its peers may write them (device/nvl_barrier.cuh).
 //
 // Reads done (pulling combine, kernels/intranode/combine_pull.cu): entry p of rank r's buffer counts what rank p's
 // blocks have finished reading of r's combine inputs (each block adds its share as it finishes; complete at a fixed
@@ -31,7 +31,14 @@
 //
 // Barrier protocol: in barrier number e (1, 2, ...), rank r adds 1 to signals[r] in every rank's buffer (its own
 // included), then waits until its own signals[p] >= e for every p. The epoch, the count of barriers this rank has
-// finished, lives in its own buffer, so the protocol needs no host state and replays inside CUDA graphs.
+// finished, lives in its own buffer, so the protocol needs no host state and replays inside CUDA graphs. So does the
+// combine count, the combines this rank has begun (combine prelude; every rank makes the same combines).
+//
+// Combine protocol (no barrier): in its n-th combine, rank r zeroes its counter set 1 + n % 2 and its reads-done
+// counts, then writes combine entry n % 2 of its slot in every rank's buffer, ending with n (release); each rank's
+// combine kernels wait for entry n % 2 of every slot to read n. Two entries and two sets suffice: r's peers finished
+// their combine n - 2 (reading entry n % 2, writing set 1 + n % 2 of r) before they wrote their entries of combine
+// n - 1, which r waited for in its own.
 // Preconditions: header-only, no torch headers; buffers are zeroed once at allocation and never reset.
 #pragma once
 
@@ -59,14 +66,26 @@ constexpr int kNumMaxRings = 2 * kNumMaxBlocks;
 // Offsets (ints) inside one notify slot, and its size.
 constexpr int kSlotExpertOffset = kNumMaxNvlRanks;
 constexpr int kSlotChannelOffset = kSlotExpertOffset + kNumMaxLocalExperts;
-constexpr int kSlotNumTokensOffset = kSlotChannelOffset + kNumMaxChannels;
-constexpr int kSlotEpochOffset = kSlotNumTokensOffset + 1;
-constexpr int kSlotWorstOffset = kSlotEpochOffset + 1;
-constexpr int kSlotInputXOffset = kSlotWorstOffset + 2;         // int64, 8-byte aligned (slots are)
-constexpr int kSlotInputWeightsOffset = kSlotInputXOffset + 2;  // int64
-constexpr int kSlotInputRowsOffset = kSlotInputWeightsOffset + 2;
-constexpr int kNumNotifySlotInts = kSlotInputRowsOffset + 2;
-static_assert(kSlotInputXOffset % 2 == 0 && kNumNotifySlotInts % 2 == 0, "int64 slot fields must stay 8-byte aligned");
+constexpr int kSlotWorstOffset = kSlotChannelOffset + kNumMaxChannels;
+constexpr int kSlotCombineOffset = kSlotWorstOffset + 2;
+
+// One combine entry of a notify slot: the source's token count and where its combine inputs lie: the offsets of its
+// x and of its top-k weights in its output arena (kernels/intranode/combine_inputs.cuh) and the rows of x; then the
+// number of the combine it belongs to, written last (release).
+struct CombineSlot {
+    int64_t x_offset;
+    int64_t weights_offset;
+    int num_tokens;
+    int num_x_rows;
+    int seq;
+    int pad;
+};
+constexpr int kNumCombineSlotInts = static_cast<int>(sizeof(CombineSlot) / sizeof(int));
+constexpr int kNumNotifySlotInts = kSlotCombineOffset + 2 * kNumCombineSlotInts;
+static_assert(kSlotCombineOffset % 2 == 0 && kNumNotifySlotInts % 2 == 0, "int64 slot fields must stay 8-byte aligned");
+// Counter sets of the rings: dispatch, then two for combines taken in turn (NvlBufferLayout::combine_counter_set).
+constexpr int kNumCounterSets = 3;
+constexpr int kDispatchCounterSet = 0;
 
 // The outputs of a dispatch that senders may write directly (zero copy), each a block of the receiver's output arena.
 enum DispatchOutput { kOutX = 0, kOutScales, kOutTopkIdx, kOutTopkWeights, kOutSrcIdx, kNumDispatchOutputs };
@@ -83,15 +102,16 @@ struct NvlBufferLayout {
     HEP_HOST_DEVICE static constexpr size_t align(size_t bytes) {
         return (bytes + kAlignment - 1) / kAlignment * kAlignment;
     }
-    HEP_HOST_DEVICE static constexpr size_t notify_offset() { return align(epoch_offset() + sizeof(int)); }
+    HEP_HOST_DEVICE static constexpr size_t combine_count_offset() { return epoch_offset() + sizeof(int); }
+    HEP_HOST_DEVICE static constexpr size_t notify_offset() { return align(combine_count_offset() + sizeof(int)); }
     HEP_HOST_DEVICE static constexpr size_t tails_offset() {
         return align(notify_offset() + sizeof(int) * kNumMaxNvlRanks * kNumNotifySlotInts);
     }
     HEP_HOST_DEVICE static constexpr size_t heads_offset() {
-        return tails_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
+        return tails_offset() + sizeof(int) * kNumCounterSets * kNumMaxRings * kNumMaxNvlRanks;
     }
     HEP_HOST_DEVICE static constexpr size_t claims_offset() {
-        return heads_offset() + sizeof(int) * kNumMaxRings * kNumMaxNvlRanks;
+        return heads_offset() + sizeof(int) * kNumCounterSets * kNumMaxRings * kNumMaxNvlRanks;
     }
     HEP_HOST_DEVICE static constexpr size_t record_offset() { return claims_offset() + sizeof(int) * kNumClaims; }
     HEP_HOST_DEVICE static constexpr size_t reads_done_offset() {
@@ -110,19 +130,32 @@ struct NvlBufferLayout {
     HEP_HOST_DEVICE static int* epoch(void* base) {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + epoch_offset());
     }
+    // The combines the owner of the buffer starting at `base` has begun (read and written by its owner only).
+    HEP_HOST_DEVICE static int* combine_count(void* base) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + combine_count_offset());
+    }
     // [kNumNotifySlotInts] notify slot of source rank `src_rank` in the buffer starting at `base`.
     HEP_HOST_DEVICE static int* notify_slot(void* base, int src_rank) {
         return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + notify_offset()) + src_rank * kNumNotifySlotInts;
     }
-    // Tail of ring (ring_idx, src_rank) in the buffer starting at `base`: rows the source has written into it.
-    HEP_HOST_DEVICE static int* tail(void* base, int ring_idx, int src_rank) {
-        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + tails_offset()) + ring_idx * kNumMaxNvlRanks +
-               src_rank;
+    // The combine entry of the source's combine number `seq` in its notify slot in the buffer starting at `base`.
+    HEP_HOST_DEVICE static CombineSlot* combine_slot(void* base, int src_rank, int seq) {
+        return reinterpret_cast<CombineSlot*>(notify_slot(base, src_rank) + kSlotCombineOffset +
+                                              (seq & 1) * kNumCombineSlotInts);
     }
-    // Head of the ring (ring_idx) that this buffer's owner writes at rank `dst_rank`: rows `dst_rank` has read.
-    HEP_HOST_DEVICE static int* head(void* base, int ring_idx, int dst_rank) {
-        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + heads_offset()) + ring_idx * kNumMaxNvlRanks +
-               dst_rank;
+    // The counter set of combine number `seq`.
+    HEP_HOST_DEVICE static int combine_counter_set(int seq) { return 1 + (seq & 1); }
+    // Tail of ring (ring_idx, src_rank) of counter set `set` in the buffer starting at `base`: rows the source has
+    // written into it.
+    HEP_HOST_DEVICE static int* tail(void* base, int set, int ring_idx, int src_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + tails_offset()) +
+               (set * kNumMaxRings + ring_idx) * kNumMaxNvlRanks + src_rank;
+    }
+    // Head of the ring (ring_idx) of counter set `set` that this buffer's owner writes at rank `dst_rank`: rows
+    // `dst_rank` has read.
+    HEP_HOST_DEVICE static int* head(void* base, int set, int ring_idx, int dst_rank) {
+        return reinterpret_cast<int*>(static_cast<uint8_t*>(base) + heads_offset()) +
+               (set * kNumMaxRings + ring_idx) * kNumMaxNvlRanks + dst_rank;
     }
     // Work claim counter `i` (< kNumClaims) of the buffer starting at `base`, read and advanced by its owner's blocks.
     HEP_HOST_DEVICE static int* claim(void* base, int i) {

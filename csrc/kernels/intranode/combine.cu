@@ -26,8 +26,8 @@
 //     own copy read from x directly). The last warp done with the batch releases the heads into the peers'
 //     buffers; the others go on to the next batch without waiting (but never start batch k + 2 before batch k is
 //     released).
-// Counters start every call at zero: notify_combine zeroes this rank's own after its barrier, before the peers
-// may see its epoch.
+// Counters start every call at zero: notify_combine zeroes this rank's own of the call's counter set before the
+// peers may see its entry (device/layout.cuh, combine protocol).
 // This kernel pushes; when every rank's inputs lie in its output arena it ends at once, as the pulling kernel
 // (kernels/intranode/combine_pull.cu) did the work (kernels/intranode/combine_inputs.cuh).
 // Preconditions: notify_combine ran just before on this stream; the handle comes from a dispatch of this Buffer.
@@ -73,6 +73,7 @@ struct UnitSplit {
     int num_units;                       // num_channels * P
     int num_subs;                        // M: sub-rings per (block, source)
     int num_sub_slots;                   // slots of each sub-ring
+    int counter_set;                     // of the rings' tails and heads (device/layout.cuh)
 
     // The rings of the call: M per block and source, each with num_sub_slots of the Config's slots.
     __device__ RingLayout rings(const CombineParams& p, int num_meta_bytes) const {
@@ -162,7 +163,8 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                     ptx::fence_acq_rel_sys();
                     is_fenced = true;
                 }
-                ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], ring_idx, rank), sent_after[d]);
+                ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], split.counter_set, ring_idx, rank),
+                                    sent_after[d]);
                 state.published[d] = sent_after[d];
             }
         }
@@ -261,9 +263,9 @@ __device__ void run_sender(const CombineParams& p, const UnitSplit& split, uint8
                 const int dst_rank = stage_dst[item_idx % kNumStages];
                 const int sent = state.sent[dst_rank];
                 if (sent - state.head_seen[dst_rank] >= rings.num_slots) {
-                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], ring_idx, dst_rank), sent,
-                                   rings.num_slots, state.head_seen[dst_rank], p.num_timeout_cycles, "combine", rank,
-                                   sender_idx, dst_rank, [&]() {
+                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], split.counter_set, ring_idx, dst_rank),
+                                   sent, rings.num_slots, state.head_seen[dst_rank], p.num_timeout_cycles, "combine",
+                                   rank, sender_idx, dst_rank, [&]() {
                                        ptx::bulk_wait_group<0>();
                                        publish(state.sent);
                                    });
@@ -327,7 +329,7 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
             tail_seen[i] = 0;
     // Waits (bounded) until the tail of sub-ring q of peer r covers `expected` rows. Returns: the tail observed.
     const auto wait_tail = [&](int r, int q, int expected) {
-        const int* tail_ptr = NvlBufferLayout::tail(local, block_idx * num_subs + q, r);
+        const int* tail_ptr = NvlBufferLayout::tail(local, split.counter_set, block_idx * num_subs + q, r);
         int observed = 0;
         timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
             observed = ptx::ld_acquire_sys(tail_ptr);
@@ -504,7 +506,8 @@ __device__ void run_reducer(const CombineParams& p, const UnitSplit& split, int 
                             continue;
                         // Sub-ring q has consumed the stream positions below consumed[r] that are q modulo M.
                         for (int q = 0; q < num_subs; ++q)
-                            ptx::st_relaxed_sys(NvlBufferLayout::head(p.buffer_ptrs[r], block_idx * num_subs + q, rank),
+                            ptx::st_relaxed_sys(NvlBufferLayout::head(p.buffer_ptrs[r], split.counter_set,
+                                                                      block_idx * num_subs + q, rank),
                                                 (consumed[r] + num_subs - 1 - q) / num_subs);
                     }
                     ptx::st_release_cta(&num_freed, batch_idx + 1);
@@ -532,6 +535,8 @@ __global__ void __launch_bounds__((kNumWarps * kWarpSize), 1)
         return;
     if (threadIdx.x < params.num_ranks)
         split.num_tokens[threadIdx.x] = inputs.num_tokens[threadIdx.x];
+    if (threadIdx.x == 0)
+        split.counter_set = NvlBufferLayout::combine_counter_set(inputs.seq);
     __syncthreads();
     if (threadIdx.x == 0) {
         int max_per_channel = 1;

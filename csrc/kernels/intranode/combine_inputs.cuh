@@ -15,6 +15,7 @@
 namespace hybrid_ep::kernels {
 
 struct CombineInputs {
+    int seq;                                   // this combine's number (device/layout.cuh, combine protocol)
     int num_tokens[kNumMaxKernelRanks];        // token count of each rank
     int num_x_rows[kNumMaxKernelRanks];        // rows of each rank's x
     const uint8_t* x[kNumMaxKernelRanks];      // each rank's x (peer mappings), when pulling
@@ -27,16 +28,19 @@ struct CombineInputs {
 __device__ __forceinline__ void read_combine_inputs(const CombineParams& p, CombineInputs& inputs) {
     __shared__ int64_t x_offsets[kNumMaxKernelRanks], weights_offsets[kNumMaxKernelRanks];
     const int r = threadIdx.x;
+    // Written by notify_combine, which ended before this kernel reads.
+    const int seq = *NvlBufferLayout::combine_count(p.buffer_ptrs[p.rank]);
     if (r < p.num_ranks) {
-        const int epoch = *NvlBufferLayout::epoch(p.buffer_ptrs[p.rank]);
-        const int* slot = NvlBufferLayout::notify_slot(p.buffer_ptrs[p.rank], r);
-        wait_peer_value(slot + kSlotEpochOffset, epoch, p.num_timeout_cycles, "combine", p.rank,
-                        "the token count (notify slot epoch)", r);
-        inputs.num_tokens[r] = ptx::ld_cg(slot + kSlotNumTokensOffset);
-        inputs.num_x_rows[r] = ptx::ld_cg(slot + kSlotInputRowsOffset);
-        x_offsets[r] = ptx::ld_cg_s64(reinterpret_cast<const int64_t*>(slot + kSlotInputXOffset));
-        weights_offsets[r] = ptx::ld_cg_s64(reinterpret_cast<const int64_t*>(slot + kSlotInputWeightsOffset));
+        CombineSlot* slot = NvlBufferLayout::combine_slot(p.buffer_ptrs[p.rank], r, seq);
+        wait_peer_value(&slot->seq, seq, p.num_timeout_cycles, "combine", p.rank,
+                        "the token count and inputs (combine entry of its notify slot)", r);
+        inputs.num_tokens[r] = ptx::ld_cg(&slot->num_tokens);
+        inputs.num_x_rows[r] = ptx::ld_cg(&slot->num_x_rows);
+        x_offsets[r] = ptx::ld_cg_s64(&slot->x_offset);
+        weights_offsets[r] = ptx::ld_cg_s64(&slot->weights_offset);
     }
+    if (threadIdx.x == 0)
+        inputs.seq = seq;
     __syncthreads();
     if (threadIdx.x == 0) {
         bool all_x = true, all_weights = true, no_weights = true;

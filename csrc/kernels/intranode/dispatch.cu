@@ -354,7 +354,7 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
                 ptx::fence_acq_rel_sys();
                 is_fenced = true;
             }
-            ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], ring_idx, rank), value);
+            ptx::st_relaxed_sys(NvlBufferLayout::tail(p.buffer_ptrs[d], kDispatchCounterSet, ring_idx, rank), value);
             state.published[d] = value;
         }
     };
@@ -385,8 +385,9 @@ __device__ void run_issuer(const DispatchParams& p, uint8_t* stages_smem, Sender
                 if (sent - state.head_seen[d] >= rings.num_slots) {
                     // NOTES: the ring may be full of rows not yet published; publish everything first (an extra
                     // bulk group only makes the later group waits stricter), or the receiver could never free it.
-                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], ring_idx, d), sent, rings.num_slots,
-                                   state.head_seen[d], p.num_timeout_cycles, "dispatch", rank, sender_idx, d, [&]() {
+                    wait_ring_slot(NvlBufferLayout::head(p.buffer_ptrs[rank], kDispatchCounterSet, ring_idx, d), sent,
+                                   rings.num_slots, state.head_seen[d], p.num_timeout_cycles, "dispatch", rank,
+                                   sender_idx, d, [&]() {
                                        ptx::bulk_commit_group();
                                        ptx::bulk_wait_group<0>();
                                        publish(state.sent, false);
@@ -527,7 +528,8 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
         static_assert(kNumMaxRecvRings <= kNumRecvWarps * kWarpSize, "a lane per ring");
         const int j = recv_warp_idx * kWarpSize + lane_idx;
         if (j < num_recv_rings) {
-            const int* tail = NvlBufferLayout::tail(p.buffer_ptrs[rank], ring_idx_of(j), source_of(j));
+            const int* tail =
+                NvlBufferLayout::tail(p.buffer_ptrs[rank], kDispatchCounterSet, ring_idx_of(j), source_of(j));
             timeout_while(p.num_timeout_cycles, [&](bool is_last_check) {
                 const int observed = ptx::ld_acquire_sys(tail);
                 if (!(observed & kDoneBit) && is_last_check)
@@ -571,7 +573,8 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
                             continue;
                         const int j = ring_of(i);
                         const int s = source_of(j), r = ring_idx_of(j);
-                        const int tail = ptx::ld_acquire_sys(NvlBufferLayout::tail(p.buffer_ptrs[rank], r, s));
+                        const int tail =
+                            ptx::ld_acquire_sys(NvlBufferLayout::tail(p.buffer_ptrs[rank], kDispatchCounterSet, r, s));
                         const int available = (tail & ~kDoneBit) - consumed[j];
                         if (available > 0) {
                             task = RecvTask{s, r, consumed[j], min(available, 8 * warps_per_group)};
@@ -602,8 +605,9 @@ __device__ void run_receiver(const DispatchParams& p, int block_idx, int recv_wa
         ptx::named_barrier_sync(1 + group_idx, warps_per_group * kWarpSize);
         if (is_leader) {
             consumed[current_ring] += current.count;
-            ptx::st_release_sys(NvlBufferLayout::head(p.buffer_ptrs[current.src_rank], current.ring_idx, rank),
-                                consumed[current_ring]);
+            ptx::st_release_sys(
+                NvlBufferLayout::head(p.buffer_ptrs[current.src_rank], kDispatchCounterSet, current.ring_idx, rank),
+                consumed[current_ring]);
         }
     }
 }

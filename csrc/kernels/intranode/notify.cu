@@ -8,8 +8,9 @@
 //      recv_channel_prefix_matrix, then send_head (where each token lands at each rank), and the number of rows this
 //      rank receives, published to mapped host memory for the host's bounded poll (count last, with a system-scope
 //      release, after the per-expert counts).
-// `notify_combine` is the prelude of a combine: barrier, then the token count of every rank (the combine kernel's
-// receivers split their tokens like the senders do) and where its inputs lie (kernels/intranode/combine_inputs.cuh).
+// `notify_combine` is the prelude of a combine, with no barrier: this rank's token count (the combine kernel's
+// receivers split their tokens like the senders do) and where its inputs lie (kernels/intranode/combine_inputs.cuh)
+// to every rank.
 // Preconditions: all ranks call it with the same num_experts and num_channels; host_recv_counts[0] was set to -1.
 #include <cstdio>
 
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
     // Step 2: barrier: every rank has finished reading the previous call's slots.
     nvl_barrier(params.buffer_ptrs, rank, num_ranks, params.num_timeout_cycles, "notify_dispatch (entry)");
     // No peer writes this rank's ring counters until the next barrier: start the call from zero.
-    reset_ring_counters(params.buffer_ptrs[rank], num_ranks);
+    reset_ring_counters(params.buffer_ptrs[rank], num_ranks, kDispatchCounterSet, false);
 
     // Step 3: this rank's counts into every rank's slot `rank`.
     for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x)
@@ -185,33 +186,39 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
 // the ring counters of the domain's ranks and the claims.
 constexpr int kNumPreludeThreads = 256;
 
-// The combine prelude: a barrier (every rank is done with the previous call's rings and slots, and its inputs are
-// written), then this rank's token count, where its inputs lie and the barrier's epoch into slot `rank` of every
-// rank. The combine kernels poll the epoch.
+// The combine prelude, with no barrier (combine protocol in device/layout.cuh): this rank's n-th combine zeroes its
+// counter set 1 + n % 2, its claims and reads-done counts, then writes its token count and where its inputs lie
+// into combine entry n % 2 of its slot in every rank's buffer, n last (release), and counts the combine. The combine
+// kernels wait for every rank's entry. NOTES: with a barrier first (and one entry and one counter set), each
+// combine's prelude took one more round trip among the ranks.
 __global__ void __launch_bounds__(kNumPreludeThreads)
     notify_combine_kernel(const __grid_constant__ NotifyCombineParams params) {
     // The combine kernels after it are launched programmatically and wait for this kernel's end before they read.
     ptx::griddep_launch_dependents();
-    nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "combine (entry)");
-    // Peers write this rank's counters only after they saw its epoch below, whose release (after the block barrier
-    // that ends the reset) orders the zeros before their writes.
-    reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks);
-    const int epoch = *NvlBufferLayout::epoch(params.buffer_ptrs[params.rank]);
+    void* local = params.buffer_ptrs[params.rank];
+    // Every thread reads the count before thread 0 writes it (after the reset's block barrier).
+    const int seq = *NvlBufferLayout::combine_count(local) + 1;
+    // The peers wrote these for this rank's combine n - 2 and finished before they wrote their entries of combine
+    // n - 1, which this rank's kernels waited for; they write them again only after the release below.
+    reset_ring_counters(local, params.num_ranks, NvlBufferLayout::combine_counter_set(seq), true);
     if (threadIdx.x < params.num_ranks) {
-        int* slot = NvlBufferLayout::notify_slot(params.buffer_ptrs[threadIdx.x], params.rank);
-        slot[kSlotNumTokensOffset] = params.num_tokens;
-        *reinterpret_cast<int64_t*>(slot + kSlotInputXOffset) = params.x_offset;
-        *reinterpret_cast<int64_t*>(slot + kSlotInputWeightsOffset) = params.weights_offset;
-        slot[kSlotInputRowsOffset] = params.num_x_rows;
-        ptx::st_release_sys(slot + kSlotEpochOffset, epoch);
+        CombineSlot* slot = NvlBufferLayout::combine_slot(params.buffer_ptrs[threadIdx.x], params.rank, seq);
+        slot->num_tokens = params.num_tokens;
+        slot->x_offset = params.x_offset;
+        slot->weights_offset = params.weights_offset;
+        slot->num_x_rows = params.num_x_rows;
+        // Orders the zeros above (the block barrier, then this release) and the entry before the count.
+        ptx::st_release_sys(&slot->seq, seq);
     }
+    if (threadIdx.x == 0)
+        *NvlBufferLayout::combine_count(local) = seq;
 }
 
 // Barrier, reset of this rank's ring counters, barrier: what a cached dispatch needs before its kernel.
 __global__ void __launch_bounds__(kNumPreludeThreads)
     prepare_rings_kernel(const __grid_constant__ BarrierParams params) {
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (entry)");
-    reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks);
+    reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks, kDispatchCounterSet, false);
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (reset)");
 }
 

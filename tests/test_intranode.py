@@ -12,6 +12,8 @@ scenarios in one process group:
   * `test_combine_is_deterministic`: random (inexact) data; the same combine twice is bitwise equal, pulled equal
     to pushed, and equal to the contract's fixed summation order.
   * `test_nvl_bytes_too_small`: a Config that does not fit is rejected naming num_nvl_bytes; one that fits works.
+  * `test_stream_order`: a call with neither previous_event nor async_finish comes after an async dispatch still
+    waiting on the communication stream.
 `test_checks_on_gloo` runs the same workers at small sizes on 2 gloo ranks (the reference backend), so the
 expectations and the checks themselves run on machines without GPUs.
 """
@@ -547,6 +549,51 @@ def run_nvl_bytes_too_small(pg: ProcessGroupInfo) -> None:
 @requires_gpus(2)
 def test_nvl_bytes_too_small() -> None:
     parallel_launch(2, run_nvl_bytes_too_small, backend="nccl", timeout_s=180)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# e) Stream order
+
+
+def run_stream_order(pg: ProcessGroupInfo) -> None:
+    """A call with neither previous_event nor async_finish comes after the communication stream's earlier work, as
+    in DeepEP: a cached dispatch left there behind a long sleep (async_finish=True, its event not waited on) has
+    written its rows before the combine of those rows reads them, and the combine's outputs are ready in the current
+    stream's order."""
+    R, me, device = pg.world_size, pg.rank, pg.device
+    s = Scenario("stream_order", [2048] * R, 4096, 8 * R, 8, seed=83)
+    inp = make_inputs(s, R, device)
+    config = Config(16, 8, 256)
+    num_nvl_bytes = config.get_nvl_buffer_size_hint(s.hidden * 2, R)
+    buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
+    _, _, _, _, handle, _ = buffer.dispatch(
+        inp.x[me],
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inp.topk_idx[me],
+        topk_weights=inp.topk_weights[me],
+        config=config,
+    )
+    factors = [2.0, 3.0]
+    for i, factor in enumerate(factors):
+        scaled = dataclasses.replace(inp, x=[(t.float() * factor).to(torch.bfloat16) for t in inp.x])
+        torch.cuda.current_stream().synchronize()
+        with torch.cuda.stream(buffer.get_comm_stream()):
+            torch.cuda._sleep(200_000_000)  # about 0.1 s
+        recv_x, _, _, _, _, event = buffer.dispatch(scaled.x[me], handle=handle, config=config, async_finish=True)
+        combined, _, _ = buffer.combine(recv_x, handle, config=config)
+        want = expected_combine_fast(s, scaled, me, R, factors=[1.0] * R)[0]
+        check(f"[stream order {i}, rank {me} of {R}] combined_x", combined, want)
+        event.current_stream_wait()
+    buffer.destroy()
+
+
+@needs_kernels
+@pytest.mark.parametrize("world_size", GPU_COUNTS)
+def test_stream_order(world_size: int) -> None:
+    parallel_launch(world_size, run_stream_order, backend="nccl", timeout_s=180)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -38,6 +39,9 @@ from .version import __version__
 # Bytes zeroed before every timed call on a GPU, to flush the L2 cache (50 MiB on H100/H200).
 FLUSH_BYTES = 256 << 20
 DATA_TYPES = ("bfloat16", "fp8")
+# With --ahead: GPU clock cycles of sleep per timed call (about 1 ms at 2 GHz) put before the timed calls, so the host
+# has enqueued all of them before the GPU starts the first.
+AHEAD_SLEEP_CYCLES_PER_CALL = 2_000_000
 # Exit status of a run stopped by a bad argument or an unsupported mode (argparse's own).
 EXIT_USAGE = 2
 
@@ -48,16 +52,21 @@ EXIT_USAGE = 2
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Seconds per call: mean, fastest and slowest of the timed calls."""
+    """Seconds per call: mean, fastest, slowest and median of the timed calls."""
 
     mean_s: float
     min_s: float
     max_s: float
+    median_s: float
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device, num_warmups: int, num_tests: int) -> Timing:
+def time_calls(
+    fn: Callable[[], Any], device: torch.device, num_warmups: int, num_tests: int, ahead: bool = False
+) -> Timing:
     """Times `fn` as DeepEP's benchmarks do: `num_warmups` untimed calls, then `num_tests` calls, each after an L2
-    flush, each between two CUDA events on the current stream. On the CPU, wall-clock per call.
+    flush, each between two CUDA events on the current stream. On the CPU, wall-clock per call. With `ahead` (GPUs;
+    for calls that never wait on the host), a GPU sleep goes first and the host enqueues every timed call behind it,
+    so the times are the GPU's alone, without the gaps of a host slower than the GPU.
 
     Returns: a Timing in seconds.
     """
@@ -69,6 +78,8 @@ def time_calls(fn: Callable[[], Any], device: torch.device, num_warmups: int, nu
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_tests)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_tests)]
         torch.cuda.synchronize(device)
+        if ahead:
+            torch.cuda._sleep(AHEAD_SLEEP_CYCLES_PER_CALL * num_tests)
         for start, end in zip(starts, ends):
             flush.zero_()
             start.record()
@@ -81,7 +92,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, num_warmups: int, nu
             begin = time.perf_counter()
             fn()
             times.append(time.perf_counter() - begin)
-    return Timing(sum(times) / len(times), min(times), max(times))
+    return Timing(sum(times) / len(times), min(times), max(times), statistics.median(times))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +440,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="SM counts to sweep, e.g. 8,16,24 or 8 16 24 (default 8,12,16,20,24 on GPUs; Buffer.num_sms on CPUs)",
     )
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler trace per rank")
+    parser.add_argument(
+        "--ahead",
+        action="store_true",
+        help="on GPUs, time the calls that never wait on the host (cached dispatch, combine, the all-to-all) enqueued "
+        "behind a GPU sleep, so small calls are timed without the host's gaps",
+    )
     args = parser.parse_args(argv)
     if args.mode == "low_latency":
         return args
@@ -480,6 +497,7 @@ def result_row(
     timing: Timing,
     bytes_per_rank: Sequence[int],
     config: Optional[Config],
+    ahead: bool = False,
 ) -> dict[str, Any]:
     """Collective (gathers every rank's time). Returns: one row of results.json (docs/bench.md).
 
@@ -489,6 +507,7 @@ def result_row(
         timing: this rank's Timing.
         bytes_per_rank: bytes each rank receives in one call, by rank.
         config: the Config of the call, or None for the all-to-all.
+        ahead: whether the calls were timed enqueued behind a GPU sleep (`time_calls`).
     """
     times = gather_floats(pg, timing.mean_s)
     per_rank_bw = [b / t / 1e9 for b, t in zip(bytes_per_rank, times)]
@@ -506,6 +525,8 @@ def result_row(
         "deepep_time": times[0] * 1e6,
         "time_min_us": timing.min_s * 1e6,
         "time_max_us": timing.max_s * 1e6,
+        "time_median_us": timing.median_s * 1e6,
+        "ahead": ahead,
         "bytes": int(bytes_per_rank[0]),
         "simple_nvl_bw": per_rank_bw[0],
         # Every rank of a launch is on this host: no row crosses the network.
@@ -604,6 +625,8 @@ def _bench_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace, run_dir
     dispatch_bytes = [n * row_bytes(args.hidden_size, args.data_type) for n in recv_rows]
     combine_bytes = [n * row_bytes(args.hidden_size, "bfloat16") for n in recv_rows]
     timing = dict(device=device, num_warmups=args.num_warmups, num_tests=args.num_iterations)
+    # Calls that never wait on the host may be timed enqueued ahead; dispatch with layout waits for its counts.
+    ahead = args.ahead and device.type == "cuda"
 
     rows: list[dict[str, Any]] = []
     baselines = ["bfloat16"] if not fp8 else ["fp8", "bfloat16"]
@@ -612,8 +635,8 @@ def _bench_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace, run_dir
         recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x_in, **layout, config=dispatch_config)
         # Combine takes BF16 rows: with FP8 dispatch, the BF16 rows of the same handle.
         combine_x = buffer.dispatch(inputs.x, handle=handle, config=dispatch_config)[0] if fp8 else recv_x
-        t = time_calls(lambda: buffer.dispatch(x_in, handle=handle, config=dispatch_config), **timing)
-        rows.append(result_row(pg, args, "dispatch", args.data_type, t, dispatch_bytes, dispatch_config))
+        t = time_calls(lambda: buffer.dispatch(x_in, handle=handle, config=dispatch_config), **timing, ahead=ahead)
+        rows.append(result_row(pg, args, "dispatch", args.data_type, t, dispatch_bytes, dispatch_config, ahead))
         bar.update()
         t = time_calls(lambda: buffer.dispatch(x_in, **layout, config=dispatch_config), **timing)
         rows.append(result_row(pg, args, "dispatch_with_layout", args.data_type, t, dispatch_bytes, dispatch_config))
@@ -621,8 +644,9 @@ def _bench_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace, run_dir
         t = time_calls(
             lambda: buffer.combine(combine_x, handle, topk_weights=recv_w, config=combine_config),
             **timing,
+            ahead=ahead,
         )
-        rows.append(result_row(pg, args, "combine", "bfloat16", t, combine_bytes, combine_config))
+        rows.append(result_row(pg, args, "combine", "bfloat16", t, combine_bytes, combine_config, ahead))
         bar.update(note=f"{dispatch_config.num_sms} SMs")
 
     # The same rows moved by the process group's own all-to-all: tokens pre-permuted by destination rank, each row
@@ -634,9 +658,13 @@ def _bench_worker(pg: launch.ProcessGroupInfo, args: argparse.Namespace, run_dir
         width = row_bytes(args.hidden_size, data_type)
         send = torch.zeros(len(token_idx), width, dtype=torch.uint8, device=device)
         recv = torch.empty(sum(recv_counts), width, dtype=torch.uint8, device=device)
-        t = time_calls(lambda: dist.all_to_all_single(recv, send, recv_counts, send_counts, group=pg.group), **timing)
+        t = time_calls(
+            lambda: dist.all_to_all_single(recv, send, recv_counts, send_counts, group=pg.group),
+            **timing,
+            ahead=ahead,
+        )
         nbytes = dispatch_bytes if data_type == args.data_type else combine_bytes
-        rows.append(result_row(pg, args, "all_to_all_single", data_type, t, nbytes, None))
+        rows.append(result_row(pg, args, "all_to_all_single", data_type, t, nbytes, None, ahead))
         bar.update()
     bar.close()
 

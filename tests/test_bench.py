@@ -1,6 +1,7 @@
 """`python -m hybrid_ep.bench`: a tiny run on 2 gloo ranks (the reference path) writes the CloudAI-style run
-directory (results.json rows, token matrices, a trace per rank, the plot or a warning); low-latency mode and bad
-arguments exit 2 with a message naming the argument."""
+directory (results.json rows, token matrices, a trace per rank, the plot or a warning); on 2 GPUs `--ahead` times
+the calls that never wait on the host enqueued behind a sleep; low-latency mode and bad arguments exit 2 with a
+message naming the argument."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import pytest
 import hybrid_ep
 from hybrid_ep import bench
 
+from distributed import requires_gpus
+
 # The fields every results.json row carries (docs/bench.md), CloudAI's report columns among them.
 ROW_FIELDS = {
     "operation", "data_type", "num_ranks", "num_tokens", "hidden", "num_experts", "num_topk", "routing", "num_sms",
-    "config", "deepep_time", "time_min_us", "time_max_us", "bytes", "global_bw", "simple_nvl_bw", "simple_rdma_bw",
-    "bus_bw_avg", "bus_bw_min", "bus_bw_max", "backend", "kernels",
+    "config", "deepep_time", "time_min_us", "time_max_us", "time_median_us", "ahead", "bytes", "global_bw",
+    "simple_nvl_bw", "simple_rdma_bw", "bus_bw_avg", "bus_bw_min", "bus_bw_max", "backend", "kernels",
 }  # fmt: skip
 # How CloudAI's DeepEP report reads the run directory's name.
 CLOUDAI_DIR = re.compile(r"benchmark_(\d+)_ranks_(.+?)_(low_latency|standard)")
@@ -40,7 +43,7 @@ def test_bench_cli_on_gloo(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "hybrid_ep.bench", "--num-processes", "2", "--backend", "gloo", "--tokens", "64",
          "--hidden-size", "128", "--num-topk", "4", "--num-experts", "8", "--data-type", "fp8", "--num-sms", "2,4",
-         "--num-warmups", "1", "--num-iterations", "2", "--profile", "--output-dir", str(tmp_path / "out")],
+         "--num-warmups", "1", "--num-iterations", "2", "--profile", "--ahead", "--output-dir", str(tmp_path / "out")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -57,6 +60,8 @@ def test_bench_cli_on_gloo(tmp_path) -> None:
         assert row["simple_rdma_bw"] == 0.0
         assert row["deepep_time"] > 0 and row["global_bw"] > 0 and row["simple_nvl_bw"] > 0
         assert row["bus_bw_min"] <= row["bus_bw_avg"] <= row["bus_bw_max"]
+        assert row["time_min_us"] <= row["time_median_us"] <= row["time_max_us"]
+        assert row["ahead"] is False  # no GPU sleep to enqueue behind on the CPU
     ops = [(r["operation"], r["data_type"], r["num_sms"]) for r in rows]
     for num_sms in (2, 4):
         assert ("dispatch", "fp8", num_sms) in ops and ("dispatch_with_layout", "fp8", num_sms) in ops
@@ -160,3 +165,30 @@ def test_progress_bar_in_a_log(capsys) -> None:
     lines = capsys.readouterr().err.splitlines()
     # Not a terminal: the first step, then one line per tenth.
     assert len(lines) == 11 and lines[-1].startswith("[x] [" + "#" * 30 + "] 20/20")
+
+
+@requires_gpus(2)
+def test_bench_ahead_on_gpus(tmp_path) -> None:
+    """--ahead: cached dispatch, combine and the all-to-all are timed behind a GPU sleep and say so; dispatch with
+    layout (which waits for its counts on the host) is timed as usual."""
+    env = dict(os.environ, HYBRID_EP_TUNED_CONFIG="off")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(hybrid_ep.__file__)), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "hybrid_ep.bench", "--num-processes", "2", "--tokens", "128", "--num-sms", "8",
+         "--num-warmups", "5", "--num-iterations", "20", "--ahead", "--output-dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "out" / "benchmark_*"))
+    rows = json.loads(open(os.path.join(run_dir, "results.json")).read())
+    ahead = {(r["operation"], r["data_type"]): r["ahead"] for r in rows}
+    assert ahead == {
+        ("dispatch", "bfloat16"): True,
+        ("dispatch_with_layout", "bfloat16"): False,
+        ("combine", "bfloat16"): True,
+        ("all_to_all_single", "bfloat16"): True,
+    }, ahead
+    for row in rows:
+        assert 0 < row["time_min_us"] <= row["time_median_us"] <= row["time_max_us"], row

@@ -41,13 +41,13 @@ __device__ __forceinline__ void nvl_barrier(void* const* buffer_ptrs, int rank, 
     __syncthreads();
 }
 
-// Zeroes counter set `set` of the ring tails and heads (device/layout.cuh), the work claims and, with
-// `with_reads_done`, the reads-done counts of this rank's own buffer. Called by every thread of one block, after the
+// Zeroes counter set `set` of the ring tails and heads (device/layout.cuh), the work claims and the reads-done counts
+// of this rank's own buffer. Called by every thread of one block, after the
 // peers stopped writing them for an earlier call and before they may write them again (a barrier, or a release they
 // wait for). Only the entries of ranks below `num_ranks` are ever written (a buffer serves one domain); the others
 // keep the zeros of the allocation.
 // NOTES: zeroing every rank's entries (kNumMaxNvlRanks per ring) took 2.3 us of each prelude on 4 H200 GPUs.
-__device__ __forceinline__ void reset_ring_counters(void* local_buffer, int num_ranks, int set, bool with_reads_done) {
+__device__ __forceinline__ void reset_ring_counters(void* local_buffer, int num_ranks, int set) {
     for (int i = threadIdx.x; i < kNumMaxRings * num_ranks; i += blockDim.x) {
         const int ring_idx = i / num_ranks, r = i % num_ranks;
         *NvlBufferLayout::tail(local_buffer, set, ring_idx, r) = 0;
@@ -55,7 +55,7 @@ __device__ __forceinline__ void reset_ring_counters(void* local_buffer, int num_
     }
     for (int i = threadIdx.x; i < NvlBufferLayout::kNumClaims; i += blockDim.x)
         *NvlBufferLayout::claim(local_buffer, i) = 0;
-    for (int i = threadIdx.x; with_reads_done && i < num_ranks; i += blockDim.x)
+    for (int i = threadIdx.x; i < num_ranks; i += blockDim.x)
         *NvlBufferLayout::reads_done(local_buffer, i) = 0;
     __syncthreads();
 }

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
     // Step 2: barrier: every rank has finished reading the previous call's slots.
     nvl_barrier(params.buffer_ptrs, rank, num_ranks, params.num_timeout_cycles, "notify_dispatch (entry)");
     // No peer writes this rank's ring counters until the next barrier: start the call from zero.
-    reset_ring_counters(params.buffer_ptrs[rank], num_ranks, kDispatchCounterSet, false);
+    reset_ring_counters(params.buffer_ptrs[rank], num_ranks, kDispatchCounterSet);
 
     // Step 3: this rank's counts into every rank's slot `rank`.
     for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x)
@@ -182,8 +182,8 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1)
     }
 }
 
-// Threads of the preludes (notify_combine, prepare_rings): thread p < num_ranks meets rank p, and all of them zero
-// the ring counters of the domain's ranks and the claims.
+// Threads of the preludes (notify_combine, prepare_rings): thread p < num_ranks signals or writes to rank p, and all
+// of them zero the ring counters of the domain's ranks and the claims.
 constexpr int kNumPreludeThreads = 256;
 
 // The combine prelude, with no barrier (combine protocol in device/layout.cuh): this rank's n-th combine zeroes its
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kNumPreludeThreads)
     const int seq = *NvlBufferLayout::combine_count(local) + 1;
     // The peers wrote these for this rank's combine n - 2 and finished before they wrote their entries of combine
     // n - 1, which this rank's kernels waited for; they write them again only after the release below.
-    reset_ring_counters(local, params.num_ranks, NvlBufferLayout::combine_counter_set(seq), true);
+    reset_ring_counters(local, params.num_ranks, NvlBufferLayout::combine_counter_set(seq));
     if (threadIdx.x < params.num_ranks) {
         CombineSlot* slot = NvlBufferLayout::combine_slot(params.buffer_ptrs[threadIdx.x], params.rank, seq);
         slot->num_tokens = params.num_tokens;
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kNumPreludeThreads)
 __global__ void __launch_bounds__(kNumPreludeThreads)
     prepare_rings_kernel(const __grid_constant__ BarrierParams params) {
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (entry)");
-    reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks, kDispatchCounterSet, false);
+    reset_ring_counters(params.buffer_ptrs[params.rank], params.num_ranks, kDispatchCounterSet);
     nvl_barrier(params.buffer_ptrs, params.rank, params.num_ranks, params.num_timeout_cycles, "dispatch (reset)");
 }
 

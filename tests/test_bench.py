@@ -34,12 +34,18 @@ def read_matrix(path: str, kind: type) -> list[list]:
         return [[kind(v) for v in line.split()] for line in f.read().splitlines()]
 
 
-def test_bench_cli_on_gloo(tmp_path) -> None:
+def bench_env() -> dict:
+    """Returns: the environment of a benchmark subprocess: the built-in configs, and the package the tests import
+    (installed or the source tree) first on the path."""
     env = dict(os.environ, HYBRID_EP_TUNED_CONFIG="off")
-    # The package the tests import, whether installed or the source tree.
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(hybrid_ep.__file__)), env.get("PYTHONPATH", "")]
     )
+    return env
+
+
+def test_bench_cli_on_gloo(tmp_path) -> None:
+    env = bench_env()
     proc = subprocess.run(
         [sys.executable, "-m", "hybrid_ep.bench", "--num-processes", "2", "--backend", "gloo", "--tokens", "64",
          "--hidden-size", "128", "--num-topk", "4", "--num-experts", "8", "--data-type", "fp8", "--num-sms", "2,4",
@@ -171,10 +177,7 @@ def test_progress_bar_in_a_log(capsys) -> None:
 def test_bench_ahead_on_gpus(tmp_path) -> None:
     """--ahead: cached dispatch, combine and the all-to-all are timed behind a GPU sleep and say so; dispatch with
     layout (which waits for its counts on the host) is timed as usual."""
-    env = dict(os.environ, HYBRID_EP_TUNED_CONFIG="off")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(hybrid_ep.__file__)), env.get("PYTHONPATH", "")]
-    )
+    env = bench_env()
     proc = subprocess.run(
         [sys.executable, "-m", "hybrid_ep.bench", "--num-processes", "2", "--tokens", "128", "--num-sms", "8",
          "--num-warmups", "5", "--num-iterations", "20", "--ahead", "--output-dir", str(tmp_path / "out")],

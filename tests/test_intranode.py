@@ -40,6 +40,7 @@ from cases import (
     Scenario,
     align,
     check,
+    dispatch_routed,
     expected_combine,
     expected_combine_fast,
     expected_dispatch,
@@ -566,16 +567,7 @@ def run_stream_order(pg: ProcessGroupInfo) -> None:
     config = Config(16, 8, 256)
     num_nvl_bytes = config.get_nvl_buffer_size_hint(s.hidden * 2, R)
     buffer = hybrid_ep.Buffer(pg.group, num_nvl_bytes=num_nvl_bytes, explicitly_destroy=True)
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx[me], s.num_experts)
-    _, _, _, _, handle, _ = buffer.dispatch(
-        inp.x[me],
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=inp.topk_idx[me],
-        topk_weights=inp.topk_weights[me],
-        config=config,
-    )
+    handle = dispatch_routed(buffer, inp.x[me], inp, me, s.num_experts, config=config)[4]
     factors = [2.0, 3.0]
     for i, factor in enumerate(factors):
         scaled = dataclasses.replace(inp, x=[(t.float() * factor).to(torch.bfloat16) for t in inp.x])
